@@ -1,0 +1,228 @@
+"""``brats-ensemble``: segment one case (``predict``) or a cohort folder (``batch``) with an ensemble of models.
+
+Results per case: ``OUT_DIR/<id>.nii.gz`` (uint8, BraTS 2023 labels 1 NETC, 2 SNFH, 3 ET, on the input grid) and
+``OUT_DIR/<id>.json`` (per-region statistics and provenance); ``batch`` adds ``OUT_DIR/statistics.csv``.
+With ``--progress json`` stdout carries one JSON object per line (``event``, ``case``, ``fraction``, ``message``);
+everything else (nnU-Net's own messages, errors) goes to stderr. Exit status: 0 done, 1 error, 2 usage, 130 cancelled.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+from .case import discover_case_files, read_case_folder, write_csv
+from .errors import BraTSEnsembleError, Cancelled, InputError
+from .modelset import ModelSet, nnunet_model_set
+from .pipeline import (ProgressEvent, check_outputs_free, output_paths, resolve_device, segment_case,
+                       write_result)
+from .postprocess import RULE_NAMES
+from .stats import cohort_columns, cohort_rows
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--model", "-m", action="append", required=True, metavar="PATH",
+                       help="nnU-Net v2 results folder (Trainer__Plans__configuration); repeat for an ensemble")
+    group.add_argument("--weight", "-w", action="append", type=float, metavar="W",
+                       help="weight of each --model in the fused probabilities (default: equal)")
+    group.add_argument("--folds", "-f", nargs="+", metavar="FOLD",
+                       help="folds to use, e.g. 0 1 2 or all (default: every fold present)")
+    group.add_argument("--checkpoint", default="final", metavar="final|best|FILE",
+                       help="checkpoint in each fold folder (default: final = checkpoint_final.pth)")
+    group.add_argument("--no-mirroring", action="store_true", help="disable test-time mirroring (faster)")
+    group.add_argument("--tile-step", type=float, default=0.5, metavar="S",
+                       help="sliding-window step as a fraction of the patch (default 0.5, as nnU-Net)")
+    group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    group.add_argument("--postprocess", default="ratio-adaptive", metavar="RULE[,RULE]",
+                       help=f"postprocessing: {', '.join(RULE_NAMES)}; min-size:N and et-to-netc:N take a "
+                            "voxel threshold; several may be chained with commas (default: ratio-adaptive)")
+    group.add_argument("--channel-names", metavar="ROLE,ROLE…",
+                       help="roles of nnU-Net-numbered files _0000, _0001 … (e.g. t1n,t1c,t2w,t2f) when no "
+                            "dataset.json lies beside them (default: the first model's channel names)")
+    group.add_argument("--trust-checkpoint", action="append", default=[], metavar="PATH",
+                       help="allow full unpickling of checkpoints under PATH (only for sources you trust)")
+    parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                        help="progress as a bar on stderr (default), JSON lines on stdout, or nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace results that exist in OUT_DIR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brats-ensemble", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    predict = sub.add_parser("predict", help="segment one case folder")
+    predict.add_argument("case_dir", type=Path, metavar="CASE_DIR")
+    predict.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR")
+    _add_model_options(predict)
+    batch = sub.add_parser("batch", help="segment every case folder in a cohort folder (resumable)")
+    batch.add_argument("cohort_dir", type=Path, metavar="COHORT_DIR")
+    batch.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR")
+    _add_model_options(batch)
+    sub.add_parser("demo", help="train a small demo model on phantoms (once) and segment a phantom case",
+                   add_help=False)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+class ProgressPrinter:
+    """Writes progress events as JSON lines, as a tqdm bar, or not at all."""
+
+    def __init__(self, mode: str, stdout: TextIO, stderr: TextIO, total_cases: int = 1) -> None:
+        self.mode, self.stdout, self.stderr = mode, stdout, stderr
+        self._bar: Any = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_cases * 100, file=stderr, unit="%", dynamic_ncols=True,
+                             bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]")
+        self._cases_done = 0
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if self.mode == "json":
+            self.stdout.write(json.dumps(event.as_dict()) + "\n")
+            self.stdout.flush()
+        elif self._bar is not None:
+            self._bar.set_description_str(f"{event.case}: {event.message}"[:70])
+            target = self._cases_done * 100 + event.fraction * 100
+            if event.event in ("written", "case-skipped", "error"):
+                self._cases_done += 1
+                target = self._cases_done * 100
+            self._bar.update(max(0.0, target - self._bar.n))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _model_set(args: argparse.Namespace) -> ModelSet:
+    return nnunet_model_set(args.model, weights=args.weight, folds=args.folds, checkpoint=args.checkpoint,
+                            use_mirroring=not args.no_mirroring, tile_step_size=args.tile_step,
+                            postprocess=args.postprocess, trusted_checkpoints=args.trust_checkpoint)
+
+
+def _channel_names(args: argparse.Namespace, model_set: ModelSet) -> tuple[dict | None, dict | None]:
+    """(explicit channel names, fallback from the first model) for nnU-Net-numbered case files."""
+    explicit = ({str(i): r for i, r in enumerate(args.channel_names.split(","))} if args.channel_names else None)
+    fallback = {str(i): r for i, r in enumerate(model_set.members[0].roles)}
+    return explicit, fallback
+
+
+def run_case(case_dir: Path, out_dir: Path, model_set: ModelSet, device: Any, args: argparse.Namespace,
+             progress: Callable[[ProgressEvent], None]) -> dict[str, Path]:
+    """Read, segment and write one case; returns the written paths."""
+    explicit, fallback = _channel_names(args, model_set)
+    case_id, _ = discover_case_files(case_dir, explicit, fallback)
+    check_outputs_free(out_dir, case_id, args.overwrite)
+    case = read_case_folder(case_dir, explicit, fallback)
+    result = segment_case(case, model_set, device, progress)
+    paths = write_result(result, out_dir, overwrite=args.overwrite)
+    progress(ProgressEvent("written", case.case_id, 1.0, f"{paths['labels']} and {paths['statistics'].name}"))
+    return paths
+
+
+def cmd_predict(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    model_set = _model_set(args)
+    device = resolve_device(args.device)
+    paths = run_case(args.case_dir, args.output, model_set, device, args, progress)
+    progress(ProgressEvent("finished", paths["labels"].name[: -len(".nii.gz")], 1.0, "1 case done"))
+    progress.close()
+    if args.progress != "json":
+        print(f"labels:     {paths['labels']}\nstatistics: {paths['statistics']}", file=progress.stdout)
+    return 0
+
+
+def find_case_folders(cohort_dir: Path) -> list[Path]:
+    """Sub-folders of a cohort folder, sorted; a cohort without any is an InputError."""
+    if not cohort_dir.is_dir():
+        raise InputError(f"{cohort_dir}: not a folder. Give a folder that holds one sub-folder per case.")
+    folders = sorted(p for p in cohort_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise InputError(f"{cohort_dir}: holds no case folders (one sub-folder per case, e.g. BraTS-GLI-00001-000/)")
+    return folders
+
+
+def write_cohort_csv(out_dir: Path) -> Path | None:
+    """``statistics.csv`` with one row per finished case (every ``<id>.json`` in ``out_dir``)."""
+    statistics = {}
+    for path in sorted(out_dir.glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "regions" in data and "case_id" in data:
+            statistics[data["case_id"]] = data["regions"]
+    if not statistics:
+        return None
+    rows = cohort_rows(statistics)
+    return write_csv(rows, out_dir / "statistics.csv", cohort_columns(rows))
+
+
+def cmd_batch(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    folders = find_case_folders(args.cohort_dir)
+    model_set = _model_set(args)
+    device = resolve_device(args.device)
+    failures: list[str] = []
+    explicit, fallback = _channel_names(args, model_set)
+    for folder in folders:
+        try:
+            case_id, _ = discover_case_files(folder, explicit, fallback)
+            if output_paths(args.output, case_id)["statistics"].exists() and not args.overwrite:
+                progress(ProgressEvent("case-skipped", case_id, 1.0, "done already"))
+                continue
+            run_case(folder, args.output, model_set, device, args, progress)
+        except Cancelled:
+            raise
+        except BraTSEnsembleError as exc:
+            failures.append(f"{folder.name}: {exc}")
+            progress(ProgressEvent("error", folder.name, 1.0, str(exc)))
+            print(f"error: {exc}", file=sys.stderr)
+    csv_path = write_cohort_csv(args.output)
+    progress(ProgressEvent("finished", "", 1.0, f"{len(folders) - len(failures)}/{len(folders)} case(s) done"))
+    progress.close()
+    if args.progress != "json":
+        print(f"{len(folders) - len(failures)}/{len(folders)} case(s) done in {args.output}"
+              + (f"; cohort statistics: {csv_path}" if csv_path else ""), file=progress.stdout)
+    if failures:
+        print(f"error: {len(failures)} case(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from .demo.run import main as demo_main
+
+        return demo_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    stdout = sys.stdout
+    total = len(find_case_folders(args.cohort_dir)) if args.command == "batch" and args.cohort_dir.is_dir() else 1
+    progress = ProgressPrinter(args.progress, stdout, sys.stderr, total)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    command = {"predict": cmd_predict, "batch": cmd_batch}[args.command]
+    try:
+        # Libraries (nnU-Net) print on stdout; keep stdout for our results and JSON-lines progress.
+        with contextlib.redirect_stdout(sys.stderr):
+            return command(args, progress)
+    except KeyboardInterrupt:
+        progress.close()
+        print("error: cancelled; no result of the unfinished case was written", file=sys.stderr)
+        return 130
+    except BraTSEnsembleError as exc:
+        progress.close()
+        if args.progress == "json":
+            progress(ProgressEvent("error", "", 1.0, str(exc)))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""nnU-Net v2 results folders as ensemble members, run by nnunetv2's own predictor.
+
+The numbers are nnU-Net's: preprocessing, sliding window, mirroring, fold averaging (logits) and export (resampling,
+softmax, un-cropping) are ``nnUNetPredictor``'s. What differs from ``nnUNetv2_predict`` is only how the network is
+made: from the plans' architecture (``get_network_from_plans``) instead of searching for the trainer class by name.
+That search imports every trainer module (and with them timm/torchvision, which crash on a CPU-only torch) and
+fails for the custom trainers BraTS teams use (loss or fine-tuning variants), whose networks are still the
+plans' network. Networks that the plans do not describe (U-Mamba) are built by their own module.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..checkpoints import load_checkpoint
+from ..errors import ModelError
+from ..labels import class_mapping_from_dataset_labels
+from ..roles import ensure_roles_available, model_channel_roles
+from .base import Probabilities, StepReporter
+
+CHECKPOINT_NAMES: dict[str, str] = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelError(
+            f"{path.parent}: no {path.name}. An nnU-Net v2 results folder (Trainer__Plans__configuration) holds "
+            "dataset.json, plans.json and fold_N/checkpoint_final.pth; point --model at that folder."
+        )
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def checkpoint_file_name(checkpoint: str) -> str:
+    """'final'/'best' or a file name → the checkpoint file name inside each fold folder."""
+    return CHECKPOINT_NAMES.get(checkpoint, checkpoint)
+
+
+def available_folds(model_dir: Path, checkpoint_name: str) -> list[str]:
+    """Folds (``'0'``, ``'1'`` … or ``'all'``) that have the checkpoint, numbered folds first.
+
+    Like nnU-Net's own auto-detection, ``fold_all`` is used only when no numbered fold exists.
+    """
+    numbered = sorted(
+        (p.name[len("fold_"):] for p in model_dir.glob("fold_*")
+         if re.fullmatch(r"fold_\d+", p.name) and (p / checkpoint_name).is_file()),
+        key=int,
+    )
+    if numbered:
+        return numbered
+    return ["all"] if (model_dir / "fold_all" / checkpoint_name).is_file() else []
+
+
+class NnUNetMember:
+    """One nnU-Net v2 results folder (one configuration, one or more folds)."""
+
+    framework = "nnunetv2"
+
+    def __init__(self, model_dir: str | Path, folds: Sequence[str | int] | None = None, checkpoint: str = "final",
+                 use_mirroring: bool = True, tile_step_size: float = 0.5, name: str | None = None,
+                 trust_checkpoint: bool = False) -> None:
+        self.model_dir = Path(model_dir).expanduser().resolve()
+        if not self.model_dir.is_dir():
+            raise ModelError(f"{model_dir}: model folder not found")
+        self.dataset_json = _read_json(self.model_dir / "dataset.json")
+        self.plans = _read_json(self.model_dir / "plans.json")
+        self.checkpoint_name = checkpoint_file_name(checkpoint)
+        self.folds = [str(f) for f in folds] if folds else available_folds(self.model_dir, self.checkpoint_name)
+        if not self.folds:
+            raise ModelError(
+                f"{self.model_dir}: no fold_N/{self.checkpoint_name} found. Train the model, copy its fold folders "
+                "here, or choose another checkpoint (--checkpoint best|final)."
+            )
+        for fold in self.folds:
+            path = self.model_dir / f"fold_{fold}" / self.checkpoint_name
+            if not path.is_file():
+                raise ModelError(f"{path}: not found (fold {fold} was asked for; available: "
+                                 f"{', '.join(available_folds(self.model_dir, self.checkpoint_name)) or 'none'})")
+        self.use_mirroring = use_mirroring
+        self.tile_step_size = tile_step_size
+        self.trust_checkpoint = trust_checkpoint
+        self.name = name or self.model_dir.name
+        self._roles = model_channel_roles(self.dataset_json.get("channel_names") or self.dataset_json.get("modality", {}),
+                                          str(self.model_dir / "dataset.json"))
+        label_dict = self.dataset_json.get("labels", {})
+        if any(isinstance(v, (list, tuple)) for v in label_dict.values()) or "regions_class_order" in self.dataset_json:
+            raise ModelError(
+                f"{self.model_dir}: region-based nnU-Net models (labels given as lists, regions_class_order) are "
+                "not supported by this version; use a label-based model."
+            )
+        try:
+            mapping = class_mapping_from_dataset_labels(label_dict)
+        except ValueError as exc:
+            raise ModelError(f"{self.model_dir / 'dataset.json'}: {exc}") from exc
+        # nnU-Net's output channels are the label values in ascending order (LabelManager.all_labels).
+        self._labels = tuple(mapping[v] for v in sorted(mapping))
+        self._predictor: Any = None
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return self._roles
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        return self._labels
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "framework": self.framework,
+            "name": self.name,
+            "path": str(self.model_dir),
+            "folds": self.folds,
+            "checkpoint": self.checkpoint_name,
+            "mirroring": self.use_mirroring,
+            "tile_step_size": self.tile_step_size,
+            "channels": list(self.roles),
+        }
+
+    # -- loading -------------------------------------------------------------------------------------------------
+
+    def _load_folds(self) -> tuple[list[dict], dict]:
+        """All folds' network weights and the first fold's checkpoint (trainer name, configuration, mirroring)."""
+        weights, first = [], None
+        for fold in self.folds:
+            path = self.model_dir / f"fold_{fold}" / self.checkpoint_name
+            checkpoint = load_checkpoint(path, trusted=self.trust_checkpoint)
+            missing = [k for k in ("network_weights", "init_args", "trainer_name") if k not in checkpoint]
+            if missing:
+                raise ModelError(f"{path}: not an nnU-Net v2 checkpoint (missing {', '.join(missing)})")
+            weights.append(checkpoint["network_weights"])
+            first = first or checkpoint
+        assert first is not None
+        return weights, first
+
+    def _build_network(self, trainer_name: str, configuration_manager: Any, num_inputs: int,
+                       num_outputs: int, configuration: str) -> torch.nn.Module:
+        if "UMamba" in trainer_name:  # U-Mamba's networks are not in the plans' dynamic-network-architectures
+            from .umamba import build_umamba_network
+
+            return build_umamba_network(trainer_name, self.plans, configuration, num_inputs, num_outputs)
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+        try:
+            return get_network_from_plans(
+                configuration_manager.network_arch_class_name,
+                configuration_manager.network_arch_init_kwargs,
+                configuration_manager.network_arch_init_kwargs_req_import,
+                num_inputs, num_outputs, allow_init=False, deep_supervision=False,
+            )
+        except (ImportError, TypeError, KeyError) as exc:
+            raise ModelError(f"{self.model_dir / 'plans.json'}: cannot build the network it describes ({exc})") from exc
+
+    def _initialise(self, device: torch.device) -> Any:
+        """Build nnU-Net's predictor around our network, once; later calls only move it to ``device``."""
+        if self._predictor is not None:
+            self._predictor.device = device
+            self._predictor.perform_everything_on_device = device.type == "cuda"
+            return self._predictor
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        weights, checkpoint = self._load_folds()
+        configuration = checkpoint["init_args"]["configuration"]
+        plans_manager = PlansManager(self.plans)
+        if configuration not in self.plans.get("configurations", {}):
+            raise ModelError(f"{self.model_dir / 'plans.json'}: has no configuration {configuration!r} "
+                             "that the checkpoint was trained with")
+        configuration_manager = plans_manager.get_configuration(configuration)
+        if configuration_manager.previous_stage_name is not None:
+            raise ModelError(f"{self.model_dir}: cascade configurations ({configuration}) are not supported by this "
+                             "version; use a 3d_fullres model.")
+        num_inputs = determine_num_input_channels(plans_manager, configuration_manager, self.dataset_json)
+        if num_inputs != len(self.roles):
+            raise ModelError(f"{self.model_dir}: plans expect {num_inputs} input channels, dataset.json names "
+                             f"{len(self.roles)}")
+        label_manager = plans_manager.get_label_manager(self.dataset_json)
+        network = self._build_network(checkpoint["trainer_name"], configuration_manager, num_inputs,
+                                      label_manager.num_segmentation_heads, configuration)
+        for fold, state in zip(self.folds, weights):
+            try:
+                network.load_state_dict(state)
+            except RuntimeError as exc:
+                summary = str(exc).splitlines()[0] if str(exc) else "shapes differ"
+                raise ModelError(
+                    f"{self.model_dir / f'fold_{fold}' / self.checkpoint_name}: its weights do not fit the network "
+                    f"that plans.json describes ({summary}). The checkpoint and plans.json must come from the same "
+                    "training; copy plans.json from the results folder the checkpoint was trained in."
+                ) from exc
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints device notices on stdout
+            predictor = nnUNetPredictor(
+                tile_step_size=self.tile_step_size, use_gaussian=True, use_mirroring=self.use_mirroring,
+                perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
+                allow_tqdm=False,
+            )
+        predictor.manual_initialization(
+            network, plans_manager, configuration_manager, weights, self.dataset_json, checkpoint["trainer_name"],
+            checkpoint.get("inference_allowed_mirroring_axes"),
+        )
+        self._predictor = predictor
+        return predictor
+
+    # -- inference -----------------------------------------------------------------------------------------------
+
+    def predict(self, case: Any, device: torch.device, report: StepReporter | None = None) -> Probabilities:
+        """Probabilities on the case grid, exactly as ``nnUNetv2_predict --save_probabilities`` computes them."""
+        ensure_roles_available(self.roles, case.roles, f"model {self.name}", f"case {case.case_id}")
+        if report:
+            report("loading")
+        predictor = self._initialise(device)
+        data = case.stacked(self.roles)
+        if report:
+            report(f"predicting ({len(self.folds)} fold{'s' if len(self.folds) > 1 else ''})")
+        predictor.network = predictor.network.to(device)
+        _, probabilities = predictor.predict_single_npy_array(data, {"spacing": list(case.spacing_zyx)}, None, None,
+                                                              True)
+        array = np.ascontiguousarray(probabilities, dtype=np.float32)
+        return Probabilities(array, self.labels)

@@ -1,0 +1,141 @@
+"""The one entry that the command line, the Slicer module and the Python console call: :func:`segment_case`.
+
+case → each member's probabilities (one member in memory at a time) → weighted fusion → labels → postprocessing →
+statistics. Progress is reported as :class:`ProgressEvent` objects; a ``cancel`` callable is checked between steps.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__
+from .case import Case, write_json, write_label_map
+from .ensemble import StreamingEnsemble
+from .errors import Cancelled, DeviceError, OutputError
+from .modelset import ModelSet
+from .postprocess import apply_steps
+from .stats import region_statistics
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress report. ``fraction`` is the share of the case done (0–1)."""
+
+    event: str  # case-start, member-start, member-step, member-done, postprocess, written, case-skipped, error, finished
+    case: str
+    fraction: float
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"event": self.event, "case": self.case, "fraction": round(self.fraction, 4), "message": self.message}
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class Result:
+    """Labels (uint8, z·y·x, canonical BraTS 2023 values) on the reference grid, statistics and provenance."""
+
+    case_id: str
+    labels: np.ndarray
+    reference: sitk.Image
+    statistics: dict[str, dict]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The statistics JSON: case id, regions, and how they were made."""
+        return {"case_id": self.case_id, "regions": self.statistics, **self.provenance}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' → CUDA when available, else CPU; 'cuda'/'cuda:N' fail clearly when there is no usable GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"--device {name} was asked for, but this torch ({torch.__version__}) sees no CUDA GPU. Use "
+                "--device cpu (slower) or install a CUDA build of torch that matches your driver."
+            )
+        return torch.device(name)
+    raise DeviceError(f"unknown device {name!r}; use auto, cpu or cuda")
+
+
+def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "auto",
+                 progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> Result:
+    """Segment one case with a model set. Raises Cancelled when ``cancel()`` turns true between steps."""
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    emit = progress or (lambda event: None)
+    n = len(model_set.members)
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel():
+            raise Cancelled(f"case {case.case_id}: cancelled")
+
+    started = time.perf_counter()
+    emit(ProgressEvent("case-start", case.case_id, 0.0, f"{n} model(s) on {torch_device}"))
+    ensemble = StreamingEnsemble()
+    for index, (member, weight) in enumerate(zip(model_set.members, model_set.weights)):
+        check_cancel()
+        done = index / n * 0.95
+        emit(ProgressEvent("member-start", case.case_id, done, f"model {index + 1}/{n}: {member.name}"))
+
+        def report(step: str, _index: int = index, _member: Any = member) -> None:
+            emit(ProgressEvent("member-step", case.case_id, _index / n * 0.95,
+                               f"model {_index + 1}/{n}: {_member.name}: {step}"))
+
+        probabilities = member.predict(case, torch_device, report)
+        if probabilities.grid_shape != case.shape_zyx:
+            raise RuntimeError(f"{member.name} returned a grid {probabilities.grid_shape}, case is {case.shape_zyx}")
+        ensemble.add(probabilities, weight)
+        del probabilities
+        emit(ProgressEvent("member-done", case.case_id, (index + 1) / n * 0.95, f"model {index + 1}/{n} done"))
+    check_cancel()
+    raw_labels = ensemble.argmax_labels()
+    emit(ProgressEvent("postprocess", case.case_id, 0.96,
+                       ", ".join(map(str, model_set.postprocess)) or "no postprocessing"))
+    labels, records = apply_steps(raw_labels, model_set.postprocess)
+    statistics = region_statistics(labels, case.reference.GetSpacing())
+    provenance = {
+        **model_set.describe(),
+        "postprocess_details": records,
+        "device": str(torch_device),
+        "inputs": {role: case.source(role) for role in case.roles},
+        "software": {"brats_ensemble": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return Result(case.case_id, labels, case.reference, statistics, provenance)
+
+
+def output_paths(out_dir: str | Path, case_id: str) -> dict[str, Path]:
+    """Where a case's results go: ``<id>.nii.gz`` (labels) and ``<id>.json`` (statistics)."""
+    out = Path(out_dir)
+    return {"labels": out / f"{case_id}.nii.gz", "statistics": out / f"{case_id}.json"}
+
+
+def check_outputs_free(out_dir: str | Path, case_id: str, overwrite: bool) -> None:
+    """Refuse to run when results of this case exist and ``overwrite`` is not set (before any work is done)."""
+    existing = [p for p in output_paths(out_dir, case_id).values() if p.exists()]
+    if existing and not overwrite:
+        raise OutputError(f"{existing[0]}: exists already. Choose another output folder or pass --overwrite.")
+
+
+def write_result(result: Result, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """Write the label map, then the statistics JSON (its presence marks the case as complete)."""
+    check_outputs_free(out_dir, result.case_id, overwrite)
+    paths = output_paths(out_dir, result.case_id)
+    paths["statistics"].unlink(missing_ok=True)  # while the new labels are written, the case must not look done
+    write_label_map(result.labels, result.reference, paths["labels"])
+    write_json({**result.summary(), "labels_file": paths["labels"].name}, paths["statistics"])
+    return paths

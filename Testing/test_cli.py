@@ -1,0 +1,109 @@
+"""The ``brats-ensemble`` command line, run as a real subprocess on real models and files."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def brats_ensemble(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "BraTSEnsembleLib.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900)
+
+
+@pytest.mark.slow
+def test_predict_writes_labels_and_statistics_with_json_progress(trained_models, phantom_cases, tmp_path):
+    case_dir = sorted(phantom_cases.iterdir())[0]
+    out = tmp_path / "out"
+    done = brats_ensemble("predict", str(case_dir), "-o", str(out), "-m", str(trained_models["A"].path),
+                          "-m", str(trained_models["B"].path), "--weight", "2", "--weight", "1", "--folds", "0",
+                          "--no-mirroring", "--device", "cpu", "--progress", "json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = [json.loads(line) for line in done.stdout.splitlines()]  # stdout is JSON lines only
+    assert [e["event"] for e in events][0] == "case-start" and events[-1]["event"] == "finished"
+    assert {"member-start", "member-done", "postprocess", "written"} <= {e["event"] for e in events}
+    fractions = [e["fraction"] for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+    labels_image = sitk.ReadImage(str(out / f"{case_dir.name}.nii.gz"))
+    reference = sitk.ReadImage(str(case_dir / f"{case_dir.name}-t1c.nii.gz"))
+    assert labels_image.GetSize() == reference.GetSize()
+    assert np.allclose(labels_image.GetOrigin(), reference.GetOrigin())
+    labels = sitk.GetArrayFromImage(labels_image)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3}
+    summary = json.loads((out / f"{case_dir.name}.json").read_text())
+    assert summary["regions"]["WT"]["voxels"] == int(np.count_nonzero(labels))
+    assert summary["regions"]["ET"]["voxels"] == int(np.count_nonzero(labels == 3))
+    assert summary["postprocess"] == ["ratio-adaptive"]  # the default
+    assert [m["weight"] for m in summary["members"]] == [2.0, 1.0]
+    assert summary["members"][1]["channels"] == ["t2f", "t1c", "t1n", "t2w"]
+
+    again = brats_ensemble("predict", str(case_dir), "-o", str(out), "-m", str(trained_models["A"].path))
+    assert again.returncode == 1 and "exists already" in again.stderr and "--overwrite" in again.stderr
+
+
+@pytest.mark.slow
+def test_batch_is_resumable_and_writes_a_cohort_csv(trained_models, phantom_cases, tmp_path):
+    cohort = tmp_path / "cohort"
+    shutil.copytree(phantom_cases, cohort)
+    broken = cohort / "Broken-001"
+    broken.mkdir()
+    (broken / "Broken-001-t1c.nii.gz").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    model = ["-m", str(trained_models["A"].path), "--folds", "0", "--no-mirroring", "--device", "cpu"]
+    first = brats_ensemble("batch", str(cohort), "-o", str(out), *model, "--progress", "none")
+    assert first.returncode == 1
+    assert "Broken-001-t1c.nii.gz: cannot be read" in first.stderr
+    assert not (out / "Broken-001.nii.gz").exists() and not (out / "Broken-001.json").exists()
+    done_cases = sorted(p.stem for p in out.glob("*.json"))
+    assert done_cases == sorted(p.name for p in phantom_cases.iterdir())
+    csv_lines = (out / "statistics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("case_id,ET_voxels,ET_volume_ml,ET_lesions")
+    assert len(csv_lines) == 1 + len(done_cases)
+
+    shutil.rmtree(broken)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    second = brats_ensemble("batch", str(cohort), "-o", str(out), *model, "--progress", "json")
+    assert second.returncode == 0, second.stderr[-2000:]
+    events = [json.loads(line) for line in second.stdout.splitlines()]
+    assert sum(e["event"] == "case-skipped" for e in events) == len(done_cases)
+    assert all((out / name).stat().st_mtime_ns == stamp for name, stamp in stamps.items() if name.endswith("gz"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda"], "sees no CUDA GPU"),
+    (["--postprocess", "blur"], "unknown postprocessing rule 'blur'"),
+    (["--weight", "1", "--weight", "2"], "2 weight(s) given for 1 model(s)"),
+    (["--folds", "7"], "fold_7/checkpoint_final.pth: not found"),
+])
+def test_bad_options_fail_clearly_before_any_output(trained_models, phantom_cases, tmp_path, args, message):
+    if "cuda" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA GPU is present")
+    case_dir = sorted(phantom_cases.iterdir())[0]
+    done = brats_ensemble("predict", str(case_dir), "-o", str(tmp_path / "out"), "-m",
+                          str(trained_models["A"].path), *args)
+    assert done.returncode == 1
+    assert message in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_sequence_names_the_model_and_the_case(trained_models, phantom_cases, tmp_path):
+    case_dir = tmp_path / sorted(phantom_cases.iterdir())[0].name
+    shutil.copytree(sorted(phantom_cases.iterdir())[0], case_dir)
+    (case_dir / f"{case_dir.name}-t2f.nii.gz").unlink()
+    done = brats_ensemble("predict", str(case_dir), "-o", str(tmp_path / "out"), "-m",
+                          str(trained_models["A"].path), "--progress", "none")
+    assert done.returncode == 1
+    assert "needs t2f (T2-FLAIR)" in done.stderr and case_dir.name in done.stderr
+    assert not any((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
