@@ -2,12 +2,17 @@
 
 ``torch.load(weights_only=True)`` refuses any global that torch does not know. Real nnU-Net v2 checkpoints carry a
 few numpy objects (``_best_ema`` is a numpy float32 scalar; MedNeXt/nnU-Net v1 checkpoints keep numpy float64 in
-``plot_stuff``), so those numpy reconstruction globals — and nothing else — are allowed. A checkpoint that needs
+``plot_stuff``), so those numpy reconstruction globals — and nothing else — are allowed. nnU-Net v1 ``.pkl`` files
+(plans, ``.model.pkl``) are read with an unpickler restricted to plain containers and numpy values. A checkpoint that needs
 anything more is refused with a message that names the file and the way to trust it explicitly.
 """
 from __future__ import annotations
 
+import codecs
+import io
 import pickle
+import re
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -17,18 +22,110 @@ import torch
 from .errors import ModelError
 
 
-def _numpy_safe_globals() -> list[Any]:
-    """The numpy objects that numpy arrays and scalars pickle through (names differ between numpy 1.x and 2.x)."""
-    core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
-    found: list[Any] = [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
-    # The per-dtype classes (numpy.dtypes.Float64DType …) that dtypes pickle as in numpy ≥ 1.25.
+try:  # numpy >= 2
+    from numpy._core import multiarray as _np_multiarray
+    from numpy._core import numeric as _np_numeric
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray as _np_multiarray  # type: ignore[no-redef]
+    from numpy.core import numeric as _np_numeric  # type: ignore[no-redef]
+
+# numpy moved its core package from ``numpy.core`` (1.x, what 2022-2024 checkpoints name) to ``numpy._core`` (2.x).
+_NUMPY_CORE_MODULES = ("numpy.core", "numpy._core")
+
+
+def _numpy_dtype_classes() -> list[type]:
+    """The numpy dtype classes (numpy >= 1.25) of the plain numeric types v1 files store."""
     dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        found += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")]
-    return found
+    if dtypes is None:  # pragma: no cover - numpy < 1.25 has no per-dtype classes
+        return []
+    names = ("BoolDType", "Int8DType", "Int16DType", "Int32DType", "Int64DType", "UInt8DType", "UInt16DType",
+             "UInt32DType", "UInt64DType", "Float16DType", "Float32DType", "Float64DType")
+    return [getattr(dtypes, n) for n in names if hasattr(dtypes, n)]
 
 
-NUMPY_SAFE_GLOBALS: list[Any] = _numpy_safe_globals()
+def _allowed_numpy_globals() -> dict[str, Any]:
+    """``{"module.name": object}`` for the numpy globals that pickled numpy scalars, arrays and dtypes refer to."""
+    allowed: dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    for core in _NUMPY_CORE_MODULES:
+        allowed[f"{core}.multiarray.scalar"] = _np_multiarray.scalar
+        allowed[f"{core}.multiarray._reconstruct"] = _np_multiarray._reconstruct
+        allowed[f"{core}.numeric._frombuffer"] = _np_numeric._frombuffer
+    for cls in _numpy_dtype_classes():
+        allowed[f"numpy.dtypes.{cls.__name__}"] = cls
+    return allowed
+
+
+def torch_safe_numpy_globals() -> list[Any]:
+    """Allow-list for ``torch.serialization.safe_globals``: numpy scalar/array reconstruction and dtypes, under both
+    the numpy 1.x and 2.x module names, and the dtype classes that torch must allow for BUILD."""
+    entries: list[Any] = []
+    for name, obj in _allowed_numpy_globals().items():
+        if name.startswith("numpy.dtypes."):
+            entries.append(obj)
+        else:
+            entries.append((obj, name))
+    return entries
+
+
+_ALLOWED_PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("collections", "defaultdict"): defaultdict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "list"): list,
+    ("builtins", "dict"): dict,
+    ("builtins", "tuple"): tuple,
+    ("builtins", "int"): int,
+    ("builtins", "float"): float,
+    ("builtins", "str"): str,
+    ("builtins", "bool"): bool,
+    ("builtins", "bytes"): bytes,
+    ("builtins", "complex"): complex,
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only creates builtins containers, ``collections`` dicts and numpy scalars/arrays/dtypes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _ALLOWED_PICKLE_GLOBALS.get((module, name))
+        if found is None:
+            found = _allowed_numpy_globals().get(f"{module}.{name}")
+        if found is None:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data is allowed")
+        return found
+
+
+def load_plain_pickle(path: Path) -> Any:
+    """Read an nnU-Net v1 ``.pkl`` (plans, ``.model.pkl``) that holds only dicts, lists and numpy values.
+
+    Raises ModelError when the file is missing, unreadable, or asks for any other class or function (such a file
+    could run code when unpickled, so it is refused rather than trusted).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the file ({exc}).") from exc
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as exc:
+        raise ModelError(
+            f"{path}: the pickle contains something other than plain data ({exc}). BraTSEnsemble does not unpickle "
+            "arbitrary objects; re-create the file from a trusted nnU-Net v1 installation."
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign files fail in many ways
+        raise ModelError(f"{path}: not a readable nnU-Net v1 pickle ({type(exc).__name__}: {exc}).") from exc
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused, without its advice to allow-list it."""
+    text = str(exc)
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if match:
+        return f"it refers to {match.group(1)}"
+    match = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return (match.group(1) if match else type(exc).__name__)[:200]
 
 
 def load_checkpoint(path: str | Path, trusted: bool = False, extra_safe_globals: Iterable[Any] = ()) -> dict:
@@ -44,12 +141,12 @@ def load_checkpoint(path: str | Path, trusted: bool = False, extra_safe_globals:
         if trusted:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         else:
-            with torch.serialization.safe_globals([*NUMPY_SAFE_GLOBALS, *extra_safe_globals]):
+            with torch.serialization.safe_globals([*torch_safe_numpy_globals(), *extra_safe_globals]):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
         raise ModelError(
-            f"{path}: refused to load because it needs code beyond weights and numpy values ({detail}). "
+            f"{path}: refused to load because it needs code beyond weights and numpy values "
+            f"({_weights_only_reason(exc)}). "
             f"Load it only if you trust its source: pass --trust-checkpoint {path}"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
