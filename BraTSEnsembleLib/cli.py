@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("cohort_dir", type=Path, metavar="COHORT_DIR")
     batch.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR")
     _add_model_options(batch)
+    evaluate = sub.add_parser("evaluate", help="score predictions against ground truth (BraTS lesion-wise metrics)")
+    evaluate.add_argument("pred_dir", type=Path, metavar="PRED_DIR", help="folder of <id>.nii.gz predictions")
+    evaluate.add_argument("gt_dir", type=Path, metavar="GT_DIR", help="folder of <id>.nii.gz or <id>-seg.nii.gz")
+    evaluate.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR")
+    evaluate.add_argument("--protocol", choices=("brats2023", "brats2024", "brats2025"), default="brats2023",
+                          help="which year's official lesion-wise evaluation to reproduce (default brats2023)")
+    evaluate.add_argument("--task", default="GLI", help="challenge task (GLI, SSA, MEN, PED, MET; default GLI)")
+    evaluate.add_argument("--labels", choices=("canonical", "brats2021"), default="canonical",
+                          help="label convention of both folders: BraTS 2023+ (default) or 2020/21 (4 = ET)")
     sub.add_parser("demo", help="train a small demo model on phantoms (once) and segment a phantom case",
                    add_help=False)
     return parser
@@ -196,6 +205,25 @@ def cmd_batch(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    from .metrics import evaluate_folders
+
+    try:
+        summary = evaluate_folders(args.pred_dir, args.gt_dir, args.output, args.protocol, args.task, args.labels)
+    except (ValueError, OSError) as exc:
+        raise InputError(str(exc)) from exc
+    progress.close()
+    regions = summary["summary"]
+    lines = [f"{summary['protocol']} ({summary['task']}), {len(summary['cases'])} case(s):"]
+    for region, metrics in regions.items():
+        parts = [f"{name} {values['mean']:.4f}" for name, values in metrics.items()
+                 if name in ("lesion_dice", "lesion_hd95", "legacy_dice")]
+        lines.append(f"  {region}: " + ", ".join(parts))
+    lines.append(f"written to {args.output}")
+    print("\n".join(lines), file=progress.stdout)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
@@ -205,9 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stdout = sys.stdout
     total = len(find_case_folders(args.cohort_dir)) if args.command == "batch" and args.cohort_dir.is_dir() else 1
-    progress = ProgressPrinter(args.progress, stdout, sys.stderr, total)
+    progress = ProgressPrinter(getattr(args, "progress", "none"), stdout, sys.stderr, total)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    command = {"predict": cmd_predict, "batch": cmd_batch}[args.command]
+    command = {"predict": cmd_predict, "batch": cmd_batch, "evaluate": cmd_evaluate}[args.command]
     try:
         # Libraries (nnU-Net) print on stdout; keep stdout for our results and JSON-lines progress.
         with contextlib.redirect_stdout(sys.stderr):

@@ -107,3 +107,29 @@ def test_missing_sequence_names_the_model_and_the_case(trained_models, phantom_c
     assert done.returncode == 1
     assert "needs t2f (T2-FLAIR)" in done.stderr and case_dir.name in done.stderr
     assert not any((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+
+
+def test_evaluate_scores_a_folder_and_refuses_foreign_labels(tmp_path):
+    from BraTSEnsembleLib.demo.phantom import make_phantom
+
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    for seed, drop_et in ((5, False), (6, True)):
+        phantom = make_phantom(seed, shape=(40, 44, 40))
+        sitk.WriteImage(phantom.to_sitk(phantom.labels), str(gt_dir / f"{phantom.case_id}-seg.nii.gz"))
+        prediction = phantom.labels.copy()
+        if drop_et:
+            prediction[prediction == 3] = 2
+        sitk.WriteImage(phantom.to_sitk(prediction), str(pred_dir / f"{phantom.case_id}.nii.gz"))
+    done = brats_ensemble("evaluate", str(pred_dir), str(gt_dir), "-o", str(tmp_path / "scores"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ET: lesion_dice 0.5000" in done.stdout  # one perfect case, one with every ET lesion missed
+    assert "WT: lesion_dice 1.0000" in done.stdout  # relabelling ET as SNFH keeps the whole tumour
+    assert (tmp_path / "scores" / "per_case.csv").is_file()
+
+    bad = make_phantom(7, shape=(40, 44, 40))
+    sitk.WriteImage(bad.to_sitk((bad.labels > 0).astype(np.uint8) * 4), str(pred_dir / f"{bad.case_id}.nii.gz"))
+    sitk.WriteImage(bad.to_sitk(bad.labels), str(gt_dir / f"{bad.case_id}-seg.nii.gz"))
+    refused = brats_ensemble("evaluate", str(pred_dir), str(gt_dir), "-o", str(tmp_path / "scores2"))
+    assert refused.returncode == 1 and bad.case_id in refused.stderr
