@@ -123,3 +123,24 @@ def test_real_brats_case_end_to_end(trained_models, real_case, tmp_path):
     outside[box] = False
     assert not labels[outside].any(), "outside nnU-Net's crop box (the head's bounding box) all is background"
     assert [e.event for e in events][:2] == ["case-start", "member-start"]
+
+
+def test_umamba_results_folder_runs_as_an_nnunet_member(trained_models, phantom_cases, tmp_path):
+    """A U-Mamba (UMambaBot) results folder is an nnU-Net v2 folder whose trainer nnU-Net cannot build: the member
+    builds the network by trainer name, loads its checkpoint strictly and runs nnU-Net's predictor with it."""
+    from BraTSEnsembleLib.members.umamba import build_umamba_network
+
+    model = copy_model(trained_models["B"].path, tmp_path / "nnUNetTrainerUMambaBot__nnUNetPlans__3d_fullres")
+    shutil.rmtree(model / "fold_0")
+    plans = json.loads((model / "plans.json").read_text())
+    torch.manual_seed(0)
+    network = build_umamba_network("nnUNetTrainerUMambaBot", plans, "3d_fullres", 4, 4)
+    (model / "fold_0").mkdir()
+    torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainerUMambaBot",
+                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0,
+                              "dataset_json": json.loads((model / "dataset.json").read_text())},
+                "inference_allowed_mirroring_axes": (0, 1, 2)}, model / "fold_0" / "checkpoint_final.pth")
+    case = read_case_folder(sorted(phantom_cases.iterdir())[0])
+    probabilities = NnUNetMember(model, use_mirroring=False).predict(case, torch.device("cpu"))
+    assert probabilities.grid_shape == case.shape_zyx
+    assert np.allclose(probabilities.array.sum(0), 1.0, atol=1e-4)
