@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from .case import discover_case_files, read_case_folder, write_csv
-from .errors import BraTSEnsembleError, Cancelled, InputError
-from .modelset import ModelSet, nnunet_model_set
+from .downloads import register_models_command, run_models_command
+from .errors import BraTSEnsembleError, Cancelled, InputError, ModelError
+from .modelset import ModelSet, load_model_set, nnunet_model_set
 from .pipeline import (ProgressEvent, check_outputs_free, output_paths, resolve_device, segment_case,
                        write_result)
 from .postprocess import RULE_NAMES
@@ -26,8 +27,12 @@ from .stats import cohort_columns, cohort_rows
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
-    group.add_argument("--model", "-m", action="append", required=True, metavar="PATH",
-                       help="nnU-Net v2 results folder (Trainer__Plans__configuration); repeat for an ensemble")
+    choice = group.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--model", "-m", action="append", metavar="PATH",
+                        help="nnU-Net v2 results folder (Trainer__Plans__configuration); repeat for an ensemble")
+    choice.add_argument("--model-set", metavar="FILE", type=Path,
+                        help="model-set manifest (JSON): members of any framework with their folds, options, "
+                             "weights and class weights, and the postprocessing (instead of --model)")
     group.add_argument("--weight", "-w", action="append", type=float, metavar="W",
                        help="weight of each --model in the fused probabilities (default: equal)")
     group.add_argument("--folds", "-f", nargs="+", metavar="FOLD",
@@ -71,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", default="GLI", help="challenge task (GLI, SSA, MEN, PED, MET; default GLI)")
     evaluate.add_argument("--labels", choices=("canonical", "brats2021"), default="canonical",
                           help="label convention of both folders: BraTS 2023+ (default) or 2020/21 (4 = ET)")
+    register_models_command(sub)
     sub.add_parser("demo", help="train a small demo model on phantoms (once) and segment a phantom case",
                    add_help=False)
     return parser
@@ -90,14 +96,14 @@ class ProgressPrinter:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_cases * 100, file=stderr, unit="%", dynamic_ncols=True,
-                             bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]")
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
         self._cases_done = 0
 
     def __call__(self, event: ProgressEvent) -> None:
         if self.mode == "json":
             self.stdout.write(json.dumps(event.as_dict()) + "\n")
             self.stdout.flush()
-        elif self._bar is not None:
+        elif self._bar is not None and event.event != "finished":
             self._bar.set_description_str(f"{event.case}: {event.message}"[:70])
             target = self._cases_done * 100 + event.fraction * 100
             if event.event in ("written", "case-skipped", "error"):
@@ -114,7 +120,26 @@ class ProgressPrinter:
 # Commands
 
 
+#: Options that a model-set manifest sets per member (or for the set): refused together with --model-set.
+_MANIFEST_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "weight": ("--weight", None, "weight"), "folds": ("--folds", None, "folds"),
+    "checkpoint": ("--checkpoint", "final", "checkpoint"), "no_mirroring": ("--no-mirroring", False, "mirroring"),
+    "tile_step": ("--tile-step", 0.5, "tile_step"), "postprocess": ("--postprocess", "ratio-adaptive", "postprocess"),
+}
+
+
 def _model_set(args: argparse.Namespace) -> ModelSet:
+    if getattr(args, "model_set", None) is not None:
+        given = [(option, key) for dest, (option, default, key) in _MANIFEST_OPTIONS.items()
+                 if getattr(args, dest, default) != default]
+        if given:
+            raise ModelError(f"{args.model_set}: {', '.join(o for o, _ in given)} cannot be combined with "
+                             f"--model-set; set {', '.join(repr(k) for _, k in given)} in the manifest instead.")
+        return load_model_set(args.model_set, trusted_checkpoints=args.trust_checkpoint)
+    manifests = [m for m in args.model if Path(m).suffix.lower() == ".json" and Path(m).is_file()]
+    if manifests:
+        raise ModelError(f"{manifests[0]}: is a file, not a model folder; pass a model-set manifest with "
+                         "--model-set FILE instead of --model.")
     return nnunet_model_set(args.model, weights=args.weight, folds=args.folds, checkpoint=args.checkpoint,
                             use_mirroring=not args.no_mirroring, tile_step_size=args.tile_step,
                             postprocess=args.postprocess, trusted_checkpoints=args.trust_checkpoint)
@@ -231,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "models":  # lists go to stdout, download bars to stderr
+        return run_models_command(args)
     stdout = sys.stdout
     total = len(find_case_folders(args.cohort_dir)) if args.command == "batch" and args.cohort_dir.is_dir() else 1
     progress = ProgressPrinter(getattr(args, "progress", "none"), stdout, sys.stderr, total)

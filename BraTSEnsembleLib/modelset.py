@@ -1,23 +1,84 @@
-"""A model set: the members of an ensemble, their weights, and the postprocessing that follows the fusion."""
+"""A model set: the members of an ensemble, their weights, and the postprocessing that follows the fusion.
+
+Two ways to make one:
+
+* :func:`nnunet_model_set` — nnU-Net v2 results folders with shared options (the command line's ``--model``);
+* :func:`load_model_set` — a **manifest** (JSON) naming each member's framework, folder, folds, checkpoint,
+  inference options, weight and per-class weights, plus the postprocessing (the command line's ``--model-set``).
+
+Manifest format (every key; anything else is refused)::
+
+    {"name": "my-ensemble",                 # optional; default: the file name without .json
+     "description": "…",                    # optional, free text
+     "postprocess": "ratio-adaptive",       # optional; a rule string or a list of rules; default ratio-adaptive
+     "members": [                           # required, at least one
+       {"name": "resenc-m",                 # optional; default: the folder name; unique within the set
+        "framework": "nnunetv2",            # required: nnunetv2 | umamba | mednext
+        "path": "models/…/Trainer__Plans__3d_fullres",  # required; relative to the manifest's folder
+        "folds": ["all"],                   # optional; default every fold present
+        "checkpoint": "final",              # optional; final | best | a file name
+        "mirroring": false,                 # optional; test-time mirroring, default true
+        "tile_step": 0.5,                   # optional; sliding-window step in (0, 1], default 0.5
+        "weight": 1.0,                      # optional; > 0, default 1
+        "class_weights": {"ET": 1.2},       # optional; background/NETC/SNFH/ET/RC → factor > 0 (default 1)
+        "url": "https://…/resenc-m.zip",    # optional; downloaded (into the cache) when path does not exist
+        "sha256": "…",                      # required with url: SHA-256 of the archive
+        "class_labels": {"1": 2, "2": 1},   # mednext only: output channel → BraTS label (number or name)
+        "channel_roles": ["t1n", …],        # mednext only: roles of the input channels
+        "size": "M", "kernel_size": 3}]}    # mednext only: when the trainer name does not tell them
+
+Fusion: member ``m`` has weight ``w[m,c] = weight · class_weights[c]`` for class ``c``; the fused probability of
+``c`` is ``Σ_m w[m,c]·p[m,c] / Σ_m w[m,c]`` (see :mod:`BraTSEnsembleLib.ensemble`).
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from .errors import ModelError
+from .errors import BraTSEnsembleError, ModelError
+from .labels import LABEL_NAMES
 from .members.base import Member
 from .members.nnunet import NnUNetMember
 from .postprocess import Step, parse_steps
 
+#: Class names accepted in ``class_weights`` / ``class_labels`` (canonical BraTS 2023+ labels).
+CLASS_NAMES: dict[str, int] = {name: label for label, name in LABEL_NAMES.items()}
+FRAMEWORKS: tuple[str, ...] = ("nnunetv2", "umamba", "mednext")
+DEFAULT_POSTPROCESS = "ratio-adaptive"
+
+_TOP_KEYS = {"name", "description", "postprocess", "members"}
+_COMMON_MEMBER_KEYS = {"name", "framework", "path", "folds", "checkpoint", "mirroring", "tile_step", "weight",
+                       "class_weights", "url", "sha256"}
+_MEDNEXT_KEYS = {"class_labels", "channel_roles", "size", "kernel_size"}
+_MEDNEXT_CHECKPOINTS = {"final": "model_final_checkpoint", "best": "model_best"}
+_SHA256_RE = re.compile(r"^(sha256:)?[0-9a-fA-F]{64}$")
+
 
 @dataclass
 class ModelSet:
-    """Members with one positive weight each (the fused probabilities are the weighted mean) and postprocessing."""
+    """Members with one positive weight each, optional per-class factors, and postprocessing.
+
+    The fused probability of class c is Σ_m w[m,c]·p[m,c] / Σ_m w[m,c] with w[m,c] = weights[m] ·
+    class_weights[m].get(c, 1); without class weights that is the weighted mean of nnUNetv2_ensemble.
+    """
 
     members: list[Member]
     weights: list[float]
     postprocess: list[Step] = field(default_factory=list)
+    #: per member: canonical label → factor of the member's weight (None, or an empty dict: factor 1 everywhere)
+    class_weights: list[dict[int, float] | None] | None = None
+    name: str | None = None
+    description: str | None = None
+    #: the manifest the set was read from (None for sets made in code or from --model options)
+    manifest: Path | None = None
+    #: per member: extra provenance recorded with it (url, sha256 of a downloaded member)
+    member_sources: list[dict[str, Any]] | None = None
+    #: SHA-256 of the manifest file as it was read
+    manifest_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -26,7 +87,18 @@ class ModelSet:
             raise ModelError(f"{len(self.weights)} weight(s) given for {len(self.members)} model(s); give one "
                              "--weight per --model, or none for equal weights")
         if any(not w > 0 for w in self.weights):
-            raise ModelError(f"weights must be positive numbers, got {self.weights}")
+            raise ModelError(f"weights must be positive numbers, got {[float(w) for w in self.weights]}")
+        if self.class_weights is None:
+            self.class_weights = [None] * len(self.members)
+        if len(self.class_weights) != len(self.members):
+            raise ModelError(f"{len(self.class_weights)} class-weight entries given for {len(self.members)} model(s)")
+        for factors in self.class_weights:
+            for label, value in (factors or {}).items():
+                if label not in LABEL_NAMES:
+                    raise ModelError(f"class weights name label {label}, which is not a BraTS label "
+                                     f"({', '.join(f'{k} {v}' for k, v in LABEL_NAMES.items())})")
+                if not value > 0:
+                    raise ModelError(f"class weights must be positive numbers, got {factors}")
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -37,11 +109,41 @@ class ModelSet:
         return tuple(seen)
 
     def describe(self) -> dict[str, Any]:
-        """Provenance of the set, as recorded with every output."""
-        return {
-            "members": [{**m.describe(), "weight": w} for m, w in zip(self.members, self.weights)],
+        """Provenance of the set, as recorded with every output: the set, each member with its weight and its
+        per-class factors (every class it predicts, 1.0 where none was given), the fusion rule, postprocessing."""
+        members = []
+        for index, (member, weight) in enumerate(zip(self.members, self.weights)):
+            factors = (self.class_weights or [None] * len(self.members))[index] or {}
+            labels = sorted(set(member.labels) | set(factors))
+            record = {**member.describe(), "weight": float(weight),
+                      "class_weights": {LABEL_NAMES[c]: float(factors.get(c, 1.0)) for c in labels}}
+            if self.member_sources and self.member_sources[index]:
+                record.update(self.member_sources[index])
+            members.append(record)
+        description: dict[str, Any] = {}
+        if self.name is not None or self.manifest is not None:
+            model_set: dict[str, Any] = {"name": self.name}
+            if self.description:
+                model_set["description"] = self.description
+            if self.manifest is not None:
+                model_set["manifest"] = str(self.manifest)
+            if self.manifest_sha256:
+                model_set["manifest_sha256"] = self.manifest_sha256
+            description["model_set"] = model_set
+        uniform = all(v == 1.0 for f in (self.class_weights or []) for v in (f or {}).values())
+        description.update({
+            "fusion": "weighted-mean" if uniform else "class-weighted-mean",
+            "members": members,
             "postprocess": [str(s) for s in self.postprocess],
-        }
+        })
+        return description
+
+
+def _parse_postprocess(spec: str, context: str) -> list[Step]:
+    try:
+        return parse_steps(spec)
+    except ValueError as exc:
+        raise ModelError(f"{context}{exc}") from exc
 
 
 def nnunet_model_set(paths: Sequence[str | Path], weights: Sequence[float] | None = None,
@@ -56,8 +158,281 @@ def nnunet_model_set(paths: Sequence[str | Path], weights: Sequence[float] | Non
         trust = any(model_dir in t.parents for t in trusted)
         members.append(NnUNetMember(model_dir, folds=folds, checkpoint=checkpoint, use_mirroring=use_mirroring,
                                     tile_step_size=tile_step_size, trust_checkpoint=trust))
-    try:
-        steps = parse_steps(postprocess)
-    except ValueError as exc:
-        raise ModelError(str(exc)) from exc
+    steps = _parse_postprocess(postprocess, "")
     return ModelSet(members, list(weights) if weights else [1.0] * len(members), steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Manifests
+
+
+class _Checker:
+    """Validation of one manifest, with error messages that name the file, the member and the fix."""
+
+    def __init__(self, manifest: Path) -> None:
+        self.manifest = manifest
+
+    def fail(self, where: str | None, problem: str, fix: str) -> ModelError:
+        place = f"{self.manifest}: " + (f"{where}: " if where else "")
+        return ModelError(f"{place}{problem}. {fix}")
+
+    def number(self, value: Any, where: str, key: str, fix: str, positive: bool = True) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise self.fail(where, f"{key} must be a number, got {json.dumps(value)}", fix)
+        if positive and not value > 0:
+            raise self.fail(where, f"{key} must be a positive number, got {json.dumps(value)}", fix)
+        return float(value)
+
+    def class_name(self, value: Any, where: str, key: str) -> int:
+        names = {n.lower(): label for n, label in CLASS_NAMES.items()}
+        if isinstance(value, str) and value.strip().lower() in names:
+            return names[value.strip().lower()]
+        raise self.fail(where, f"{key}: unknown class {json.dumps(value)}",
+                        f"Use one of {', '.join(CLASS_NAMES)} (BraTS 2023+ classes).")
+
+
+def _member_where(index: int, raw: Mapping[str, Any]) -> str:
+    name = raw.get("name") if isinstance(raw.get("name"), str) else None
+    return f"member {index + 1}" + (f" ({name!r})" if name else "")
+
+
+def _read_manifest(path: Path) -> tuple[Any, str]:
+    """(parsed JSON, SHA-256 of the file)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path}: model-set manifest not found. Check the path given to --model-set.") from exc
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the model-set manifest ({exc.strerror or exc})") from exc
+    try:
+        return json.loads(raw.decode("utf-8")), hashlib.sha256(raw).hexdigest()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc}). A model-set manifest is a JSON object with a "
+                         "\"members\" list; see the README's model-set section.") from exc
+
+
+def _folds(check: _Checker, value: Any, where: str) -> list[str] | None:
+    if value is None:
+        return None
+    fix = 'Give a list of fold numbers or ["all"], e.g. "folds": [0, 1, 2, 3, 4], or leave it out for every fold.'
+    if not isinstance(value, list) or not value:
+        raise check.fail(where, f"folds must be a non-empty list, got {json.dumps(value)}", fix)
+    folds = []
+    for fold in value:
+        if isinstance(fold, int) and not isinstance(fold, bool) and fold >= 0:
+            folds.append(str(fold))
+        elif isinstance(fold, str) and (fold == "all" or fold.isdigit()):
+            folds.append(fold)
+        else:
+            raise check.fail(where, f"folds: {json.dumps(fold)} is not a fold", fix)
+    if len(set(folds)) != len(folds):
+        raise check.fail(where, f"folds {json.dumps(value)} name a fold twice", fix)
+    return folds
+
+
+def _class_weights(check: _Checker, value: Any, where: str) -> dict[int, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise check.fail(where, f"class_weights must be an object, got {json.dumps(value)}",
+                         'Write e.g. "class_weights": {"background": 1.0, "NETC": 1.0, "SNFH": 1.0, "ET": 1.2}.')
+    factors: dict[int, float] = {}
+    for name, factor in value.items():
+        label = check.class_name(name, where, "class_weights")
+        if label in factors:
+            raise check.fail(where, f"class_weights names class {name!r} twice", "Name each class once.")
+        factors[label] = check.number(factor, where, f"class_weights[{name!r}]",
+                                      "Class weights multiply the member's weight; give numbers > 0 (1 = neutral).")
+    return factors
+
+
+def _class_labels(check: _Checker, value: Any, where: str) -> dict[int, int]:
+    fix = ('Map the model\'s output channels to BraTS labels, e.g. "class_labels": {"1": 2, "2": 1, "3": 3} '
+           '(1 NETC, 2 SNFH, 3 ET, 4 RC; names such as "SNFH" work too; channel 0 is background).')
+    if not isinstance(value, dict) or not value:
+        raise check.fail(where, f"class_labels must be a non-empty object, got {json.dumps(value)}", fix)
+    mapping: dict[int, int] = {}
+    for channel, label in value.items():
+        if not (isinstance(channel, str) and channel.isdigit()):
+            raise check.fail(where, f"class_labels: {json.dumps(channel)} is not an output channel number", fix)
+        if isinstance(label, int) and not isinstance(label, bool):
+            if label not in LABEL_NAMES:
+                raise check.fail(where, f"class_labels: {label} is not a BraTS label", fix)
+            mapping[int(channel)] = label
+        else:
+            mapping[int(channel)] = check.class_name(label, where, "class_labels")
+    mapping.setdefault(0, 0)
+    return mapping
+
+
+def _resolve_path(check: _Checker, raw: Mapping[str, Any], where: str, manifest_dir: Path,
+                  cache_dir: Path | None) -> Path:
+    local = Path(raw["path"]).expanduser()
+    local = local if local.is_absolute() else manifest_dir / local
+    if local.exists():
+        return local.resolve()
+    if raw.get("url"):
+        from .downloads import ensure_member_files
+
+        try:
+            return Path(ensure_member_files(dict(raw), manifest_dir, cache_dir)).resolve()
+        except BraTSEnsembleError as exc:
+            raise ModelError(f"{check.manifest}: {where}: {exc}") from exc
+    raise check.fail(where, f"path {raw['path']!r} does not exist (looked for {local})",
+                     "Fix the path (a relative path is relative to the manifest's folder), or add \"url\" and "
+                     "\"sha256\" so the model can be downloaded.")
+
+
+def _member_options(check: _Checker, raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The member's constructor arguments, validated (before anything is downloaded or read)."""
+    framework = raw["framework"]
+    checkpoint = raw.get("checkpoint", "final")
+    if not isinstance(checkpoint, str) or not checkpoint.strip():
+        raise check.fail(where, f"checkpoint must be a string, got {json.dumps(checkpoint)}",
+                         'Use "final", "best" or a checkpoint file name.')
+    mirroring = raw.get("mirroring", True)
+    if not isinstance(mirroring, bool):
+        raise check.fail(where, f"mirroring must be true or false, got {json.dumps(mirroring)}",
+                         "Write \"mirroring\": false to switch test-time mirroring off.")
+    tile_step = check.number(raw.get("tile_step", 0.5), where, "tile_step", "Use a step in (0, 1], e.g. 0.5.")
+    if tile_step > 1:
+        raise check.fail(where, f"tile_step must be in (0, 1], got {tile_step:g}", "Use a step in (0, 1], e.g. 0.5.")
+    options: dict[str, Any] = {"folds": _folds(check, raw.get("folds"), where), "use_mirroring": mirroring,
+                               "name": raw.get("name")}
+    if framework in ("nnunetv2", "umamba"):
+        return {**options, "checkpoint": checkpoint, "tile_step_size": tile_step}
+    roles = raw.get("channel_roles")
+    if roles is not None and (not isinstance(roles, list) or not roles
+                              or not all(isinstance(r, str) and r for r in roles)):
+        raise check.fail(where, f"channel_roles must be a list of role names, got {json.dumps(roles)}",
+                         'Write e.g. "channel_roles": ["t1n", "t1c", "t2w", "t2f"] in the model\'s channel order.')
+    size = raw.get("size")
+    if size is not None and not isinstance(size, str):
+        raise check.fail(where, f"size must be a string, got {json.dumps(size)}", 'Use "S", "B", "M" or "L".')
+    kernel = raw.get("kernel_size")
+    if kernel is not None and (isinstance(kernel, bool) or not isinstance(kernel, int)):
+        raise check.fail(where, f"kernel_size must be a number, got {json.dumps(kernel)}", "Use 3 or 5.")
+    return {**options, "checkpoint": _MEDNEXT_CHECKPOINTS.get(checkpoint, checkpoint.removesuffix(".model")),
+            "step_size": tile_step, "channel_roles": tuple(roles) if roles else None,
+            "class_labels": _class_labels(check, raw["class_labels"], where) if "class_labels" in raw else None,
+            "size": size, "kernel_size": kernel}
+
+
+def _build_member(framework: str, path: Path, options: dict[str, Any], trusted: set[Path]) -> Member:
+    if framework in ("nnunetv2", "umamba"):
+        trust = any(path == t or t in path.parents or path in t.parents for t in trusted)
+        member: Any = NnUNetMember(path, trust_checkpoint=trust, **options)
+        member.framework = framework  # U-Mamba folders are nnU-Net v2 folders; record what the manifest says
+        return member
+    from .members.mednext import MedNeXtMember
+
+    return MedNeXtMember(path, **options)
+
+
+def load_model_set(path: str | Path, cache_dir: Path | None = None, *,
+                   trusted_checkpoints: Sequence[str | Path] = ()) -> ModelSet:
+    """Read and validate a model-set manifest (JSON) and build its members.
+
+    Relative member paths are relative to the manifest's folder. A member whose ``path`` does not exist but that
+    has a ``url`` is downloaded into ``cache_dir`` (see :mod:`BraTSEnsembleLib.downloads`). ``trusted_checkpoints``
+    (folders) allow full unpickling of nnU-Net checkpoints under them, as ``--trust-checkpoint`` does; a manifest
+    cannot grant that itself. Every problem raises ModelError naming the manifest, the member and the fix.
+    """
+    manifest = Path(path).expanduser().resolve()
+    check = _Checker(manifest)
+    data, digest = _read_manifest(manifest)
+    if not isinstance(data, dict):
+        raise check.fail(None, "a model-set manifest must be a JSON object",
+                         'Write {"name": …, "postprocess": …, "members": [{"framework": …, "path": …}]}.')
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise check.fail(None, f"unknown key(s) {', '.join(map(repr, unknown))}",
+                         f"Remove them; a manifest has only {', '.join(sorted(_TOP_KEYS))}.")
+    name = data.get("name", manifest.stem)
+    if not isinstance(name, str) or not name.strip():
+        raise check.fail(None, f"name must be a non-empty string, got {json.dumps(name)}", "Give the set a name.")
+    description = data.get("description")
+    if description is not None and not isinstance(description, str):
+        raise check.fail(None, "description must be a string", "Write the description as one JSON string.")
+    postprocess = data.get("postprocess", DEFAULT_POSTPROCESS)
+    if isinstance(postprocess, list) and all(isinstance(p, str) for p in postprocess):
+        postprocess = ",".join(postprocess) or "none"
+    if not isinstance(postprocess, str):
+        raise check.fail(None, f"postprocess must be a rule string or a list of them, got {json.dumps(postprocess)}",
+                         'Write e.g. "postprocess": "ratio-adaptive" or ["min-size:50", "et-to-netc:500"].')
+    steps = _parse_postprocess(postprocess, f"{manifest}: postprocess: ")
+    raw_members = data.get("members")
+    if not isinstance(raw_members, list) or not raw_members:
+        raise check.fail(None, "\"members\" must be a non-empty list",
+                         'List the models: "members": [{"framework": "nnunetv2", "path": "…"}, …].')
+
+    trusted = {Path(p).expanduser().resolve() for p in trusted_checkpoints}
+    members: list[Member] = []
+    weights: list[float] = []
+    class_weights: list[dict[int, float]] = []
+    sources: list[dict[str, Any]] = []
+    names: dict[str, int] = {}
+    validated: list[tuple[dict, str, str, float, dict[int, float], dict[str, Any]]] = []
+    for index, raw in enumerate(raw_members):
+        where = f"member {index + 1}"
+        if not isinstance(raw, dict):
+            raise check.fail(where, f"must be an object, got {json.dumps(raw)}",
+                             'Write each member as {"framework": …, "path": …}.')
+        where = _member_where(index, raw)
+        framework = raw.get("framework")
+        if framework is None:
+            raise check.fail(where, "no framework", f"Add \"framework\": one of {', '.join(FRAMEWORKS)}.")
+        if framework not in FRAMEWORKS:
+            raise check.fail(where, f"unknown framework {json.dumps(framework)}",
+                             f"Use one of {', '.join(FRAMEWORKS)} (U-Mamba folders: umamba).")
+        allowed = _COMMON_MEMBER_KEYS | (_MEDNEXT_KEYS if framework == "mednext" else set())
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            only_mednext = [k for k in unknown if k in _MEDNEXT_KEYS]
+            fix = (f"{', '.join(only_mednext)} apply to mednext members only (nnU-Net v2 folders take channels and "
+                   "labels from their dataset.json); remove them" if only_mednext else
+                   f"Remove them; a member has only {', '.join(sorted(allowed))}")
+            raise check.fail(where, f"unknown key(s) {', '.join(map(repr, unknown))}", fix + ".")
+        if "name" in raw and (not isinstance(raw["name"], str) or not raw["name"].strip()):
+            raise check.fail(where, f"name must be a non-empty string, got {json.dumps(raw['name'])}",
+                             "Give the member a short name, or leave the key out.")
+        if not isinstance(raw.get("path"), str) or not raw["path"].strip():
+            raise check.fail(where, "no path" if "path" not in raw else "path must be a non-empty string",
+                             "Add \"path\": the model's results folder (Trainer__Plans__configuration), relative "
+                             "to the manifest's folder or absolute.")
+        for key in ("url", "sha256"):
+            if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
+                raise check.fail(where, f"{key} must be a non-empty string", f"Fix or remove \"{key}\".")
+        if "url" in raw and "sha256" not in raw:
+            raise check.fail(where, "has a url but no sha256",
+                             "A download must be verifiable: add \"sha256\": the output of `sha256sum ARCHIVE`.")
+        if "sha256" in raw and not _SHA256_RE.match(raw["sha256"].strip()):
+            raise check.fail(where, f"sha256 {raw['sha256']!r} is not a SHA-256 digest (64 hex digits)",
+                             "Compute it with `sha256sum ARCHIVE`.")
+        weight = check.number(raw.get("weight", 1.0), where, "weight",
+                              "Weights are relative; give a number > 0 (1 = the default).")
+        factors = _class_weights(check, raw.get("class_weights"), where)
+        validated.append((raw, where, framework, weight, factors, _member_options(check, raw, where)))
+
+    # Only a manifest valid as a whole gets its members read (or downloaded).
+    for index, (raw, where, framework, weight, factors, options) in enumerate(validated):
+        model_dir = _resolve_path(check, raw, where, manifest.parent, cache_dir)
+        try:
+            member = _build_member(framework, model_dir, options, trusted)
+        except ModelError as exc:
+            if str(exc).startswith(str(manifest)):
+                raise
+            raise ModelError(f"{manifest}: {where}: {exc}") from exc
+        except ValueError as exc:
+            raise ModelError(f"{manifest}: {where}: {exc}") from exc
+        if member.name in names:
+            raise check.fail(where, f"name {member.name!r} is used by member {names[member.name] + 1} too",
+                             "Give each member its own \"name\".")
+        names[member.name] = index
+        members.append(member)
+        weights.append(weight)
+        class_weights.append(factors)
+        sources.append({k: raw[k] for k in ("url", "sha256") if k in raw})
+    return ModelSet(members, weights, steps, class_weights=class_weights, name=name.strip(),
+                    description=description, manifest=manifest, member_sources=sources,
+                    manifest_sha256=digest)

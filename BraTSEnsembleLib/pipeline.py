@@ -86,6 +86,7 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
     started = time.perf_counter()
     emit(ProgressEvent("case-start", case.case_id, 0.0, f"{n} model(s) on {torch_device}"))
     ensemble = StreamingEnsemble()
+    class_weights = model_set.class_weights or [None] * n
     for index, (member, weight) in enumerate(zip(model_set.members, model_set.weights)):
         check_cancel()
         done = index / n * 0.95
@@ -98,7 +99,7 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
         probabilities = member.predict(case, torch_device, report)
         if probabilities.grid_shape != case.shape_zyx:
             raise RuntimeError(f"{member.name} returned a grid {probabilities.grid_shape}, case is {case.shape_zyx}")
-        ensemble.add(probabilities, weight)
+        ensemble.add(probabilities, weight, class_weights[index])
         del probabilities
         emit(ProgressEvent("member-done", case.case_id, (index + 1) / n * 0.95, f"model {index + 1}/{n} done"))
     check_cancel()

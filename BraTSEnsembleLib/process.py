@@ -88,7 +88,9 @@ def build_predict_command(
 
     ``python`` given: ``[python, -m, BraTSEnsembleLib.cli, predict, …]`` (what Slicer runs with PythonSlicer);
     otherwise the ``brats-ensemble`` console script. ``postprocess`` None/'default' and ``folds`` None leave the
-    CLI's defaults. Raises ValueError for values the CLI would refuse.
+    CLI's defaults. A single ``.json`` entry is a model-set manifest (``--model-set``): the manifest then decides
+    weights, folds, checkpoint, mirroring, tile step and postprocessing, so those options are not passed.
+    Raises ValueError for values the CLI would refuse.
     """
     model_list = [models] if isinstance(models, (str, Path)) else list(models)
     model_list = [str(m) for m in model_list if str(m).strip()]
@@ -104,6 +106,14 @@ def build_predict_command(
         raise ValueError(f"tile step must be in (0, 1], got {tile_step}")
     args = [python, "-m", CLI_MODULE] if python else [CONSOLE_SCRIPT]
     args += ["predict", str(case_dir), "-o", str(out_dir)]
+    manifests = [m for m in model_list if m.lower().endswith(".json")]
+    if manifests:
+        if len(model_list) != 1:
+            raise ValueError("a model-set manifest (.json) already lists its members: choose one manifest, or "
+                             "results folders only")
+        if weights:
+            raise ValueError("weights of a model-set manifest are set in the manifest, not in the panel")
+        return args + ["--model-set", manifests[0], "--device", device] + _output_options(progress, overwrite)
     for model in model_list:
         args += ["--model", model]
     for weight in weights or []:
@@ -120,11 +130,12 @@ def build_predict_command(
         args.append("--no-mirroring")
     if tile_step is not None:
         args += ["--tile-step", f"{float(tile_step):g}"]
-    if progress:
-        args += ["--progress", "json"]
-    if overwrite:
-        args.append("--overwrite")
-    return args
+    return args + _output_options(progress, overwrite)
+
+
+def _output_options(progress: bool, overwrite: bool) -> list[str]:
+    """JSON-lines progress (what the module reads) and replacing the results of an earlier run in the temp folder."""
+    return (["--progress", "json"] if progress else []) + (["--overwrite"] if overwrite else [])
 
 
 # ----------------------------------------------------------------------------------------------------------------

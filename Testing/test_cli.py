@@ -59,7 +59,7 @@ def test_batch_is_resumable_and_writes_a_cohort_csv(trained_models, phantom_case
     (broken / "Broken-001-t1c.nii.gz").write_bytes(b"not an image")
     out = tmp_path / "out"
     model = ["-m", str(trained_models["A"].path), "--folds", "0", "--no-mirroring", "--device", "cpu"]
-    first = brats_ensemble("batch", str(cohort), "-o", str(out), *model, "--progress", "none")
+    first = brats_ensemble("batch", str(cohort), "-o", str(out), *model, "--progress", "bar")
     assert first.returncode == 1
     assert "Broken-001-t1c.nii.gz: cannot be read" in first.stderr
     assert not (out / "Broken-001.nii.gz").exists() and not (out / "Broken-001.json").exists()

@@ -151,9 +151,11 @@ def test_predict_command_with_every_option():
 
 
 def test_predict_command_defaults_leave_model_set_choices_alone():
-    args = process.build_predict_command("c", "o", "/models/goat2025.json")
-    assert args == ["brats-ensemble", "predict", "c", "-o", "o", "--model", "/models/goat2025.json",
+    args = process.build_predict_command("c", "o", "/models/goat2025.json", tile_step=0.7, mirroring=False)
+    assert args == ["brats-ensemble", "predict", "c", "-o", "o", "--model-set", "/models/goat2025.json",
                     "--device", "auto", "--progress", "json", "--overwrite"]
+    with pytest.raises(ValueError, match="one manifest"):
+        process.build_predict_command("c", "o", ["/models/goat2025.json", "/models/folder"])
     assert "--postprocess" not in process.build_predict_command("c", "o", "m", postprocess="default")
     assert process.build_predict_command("c", "o", "m", folds="all")[-5:-3] == ["--folds", "all"]
     assert process.build_predict_command("c", "o", "m", postprocess="none")[-5:-3] == ["--postprocess", "none"]

@@ -6,7 +6,7 @@
 3. Runs ``brats-ensemble predict`` on it through the real pipeline (GoAT 2025 ratio-adaptive postprocessing) and
    prints where the label map and statistics are, with the Dice against the phantom's ground truth.
 
-The model is trained on synthetic phantoms for a minute: it demonstrates the software, it is no tumour model.
+The model is trained on synthetic phantoms for a few minutes: it demonstrates the software, it is no tumour model.
 Never use it on patients.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ from .phantom import make_phantom
 
 PACKAGE = Path(__file__).resolve().parent
 DEMO_CASE_SEED = 777  # training uses seeds 100..; this case is held out
-TRAINING = ["--dataset-id", "900", "--name", "DemoPhantoms", "--cases", "8", "--seed", "100", "--epochs", "8",
-            "--iterations", "12", "--fold", "0"]
+TRAINING = ["--dataset-id", "900", "--name", "DemoPhantoms", "--cases", "8", "--seed", "100", "--epochs", "20",
+            "--iterations", "20", "--fold", "0"]
 
 
 def _model_cache(root: Path) -> Path:
@@ -36,7 +36,7 @@ def _model_cache(root: Path) -> Path:
 
 
 def ensure_demo_model(cache_root: Path) -> Path:
-    """The demo's nnU-Net results folder, trained here on first use (about a minute on 2 CPU cores)."""
+    """The demo's nnU-Net results folder, trained here on first use (about three minutes on 2 CPU cores)."""
     work = _model_cache(cache_root)
     marker = work / "results-folder.txt"
     if marker.is_file() and Path(marker.read_text().strip()).is_dir():
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(args.output / "result" / f"{phantom.case_id}.nii.gz")))
     scores = {r: dice(region_mask(labels, r), region_mask(phantom.labels, r)) for r in ("ET", "TC", "WT")}
     print("Dice against the phantom's ground truth: " + ", ".join(f"{r} {v:.3f}" for r, v in scores.items()))
-    print("Demo model: trained on synthetic phantoms for a minute; for trying the software only, never for patients.")
+    print("Demo model: trained on synthetic phantoms for a few minutes; for trying the software only, never for patients.")
     return 0
 
 
