@@ -361,6 +361,15 @@ def write_label_map(labels: np.ndarray, reference: sitk.Image, path: str | Path)
     return path
 
 
+def write_scalar_map(values: np.ndarray, reference: sitk.Image, path: str | Path) -> Path:
+    """Write a (z, y, x) float map (uncertainty, probability) as float32 on the reference image's geometry."""
+    path = Path(path)
+    image = sitk.GetImageFromArray(values.astype(np.float32, copy=False))
+    image.CopyInformation(reference)
+    _atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+    return path
+
+
 def write_json(data: Any, path: str | Path) -> Path:
     """Write JSON (indented, UTF-8) atomically."""
     path = Path(path)

@@ -54,6 +54,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                         help="progress as a bar on stderr (default), JSON lines on stdout, or nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace results that exist in OUT_DIR")
+    parser.add_argument("--save-uncertainty", action="store_true",
+                        help="also write <id>_disagreement.nii.gz (fraction of models voting against the label) "
+                             "and <id>_entropy.nii.gz (normalised entropy of the fused probabilities)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +163,7 @@ def run_case(case_dir: Path, out_dir: Path, model_set: ModelSet, device: Any, ar
     check_outputs_free(out_dir, case_id, args.overwrite)
     case = read_case_folder(case_dir, explicit, fallback)
     result = segment_case(case, model_set, device, progress)
-    paths = write_result(result, out_dir, overwrite=args.overwrite)
+    paths = write_result(result, out_dir, overwrite=args.overwrite, save_uncertainty=args.save_uncertainty)
     progress(ProgressEvent("written", case.case_id, 1.0, f"{paths['labels']} and {paths['statistics'].name}"))
     return paths
 
@@ -172,7 +175,8 @@ def cmd_predict(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     progress(ProgressEvent("finished", paths["labels"].name[: -len(".nii.gz")], 1.0, "1 case done"))
     progress.close()
     if args.progress != "json":
-        print(f"labels:     {paths['labels']}\nstatistics: {paths['statistics']}", file=progress.stdout)
+        for kind, path in paths.items():
+            print(f"{kind + ':':13} {path}", file=progress.stdout)
     return 0
 
 

@@ -16,12 +16,13 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__
-from .case import Case, write_json, write_label_map
+from .case import Case, write_json, write_label_map, write_scalar_map
 from .ensemble import StreamingEnsemble
 from .errors import Cancelled, DeviceError, OutputError
 from .modelset import ModelSet
 from .postprocess import apply_steps
 from .stats import region_statistics
+from .uncertainty import VoteCounter, member_labels, normalised_entropy, summarise
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Result:
     reference: sitk.Image
     statistics: dict[str, dict]
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: per-voxel uncertainty maps (float32, z·y·x): 'disagreement' and 'entropy' (see :mod:`.uncertainty`)
+    uncertainty: dict[str, np.ndarray] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The statistics JSON: case id, regions, and how they were made."""
@@ -86,6 +89,7 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
     started = time.perf_counter()
     emit(ProgressEvent("case-start", case.case_id, 0.0, f"{n} model(s) on {torch_device}"))
     ensemble = StreamingEnsemble()
+    votes = VoteCounter()
     class_weights = model_set.class_weights or [None] * n
     for index, (member, weight) in enumerate(zip(model_set.members, model_set.weights)):
         check_cancel()
@@ -97,6 +101,7 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
                                f"model {_index + 1}/{n}: {_member.name}: {step}"))
 
         probabilities = member.predict(case, torch_device, report)
+        votes.add(member_labels(probabilities))
         if probabilities.grid_shape != case.shape_zyx:
             raise RuntimeError(f"{member.name} returned a grid {probabilities.grid_shape}, case is {case.shape_zyx}")
         ensemble.add(probabilities, weight, class_weights[index])
@@ -108,21 +113,25 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
                        ", ".join(map(str, model_set.postprocess)) or "no postprocessing"))
     labels, records = apply_steps(raw_labels, model_set.postprocess)
     statistics = region_statistics(labels, case.reference.GetSpacing())
+    maps = {"disagreement": votes.disagreement(raw_labels), "entropy": normalised_entropy(ensemble.probabilities())}
     provenance = {
         **model_set.describe(),
         "postprocess_details": records,
+        "uncertainty": summarise(maps, labels, list(statistics)),
         "device": str(torch_device),
         "inputs": {role: case.source(role) for role in case.roles},
         "software": {"brats_ensemble": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "seconds": round(time.perf_counter() - started, 2),
     }
-    return Result(case.case_id, labels, case.reference, statistics, provenance)
+    return Result(case.case_id, labels, case.reference, statistics, provenance, maps)
 
 
 def output_paths(out_dir: str | Path, case_id: str) -> dict[str, Path]:
-    """Where a case's results go: ``<id>.nii.gz`` (labels) and ``<id>.json`` (statistics)."""
+    """Where a case's results go: ``<id>.nii.gz`` (labels), ``<id>.json`` (statistics) and, when asked for, the
+    uncertainty maps ``<id>_disagreement.nii.gz`` and ``<id>_entropy.nii.gz``."""
     out = Path(out_dir)
-    return {"labels": out / f"{case_id}.nii.gz", "statistics": out / f"{case_id}.json"}
+    return {"labels": out / f"{case_id}.nii.gz", "statistics": out / f"{case_id}.json",
+            "disagreement": out / f"{case_id}_disagreement.nii.gz", "entropy": out / f"{case_id}_entropy.nii.gz"}
 
 
 def check_outputs_free(out_dir: str | Path, case_id: str, overwrite: bool) -> None:
@@ -132,11 +141,20 @@ def check_outputs_free(out_dir: str | Path, case_id: str, overwrite: bool) -> No
         raise OutputError(f"{existing[0]}: exists already. Choose another output folder or pass --overwrite.")
 
 
-def write_result(result: Result, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
-    """Write the label map, then the statistics JSON (its presence marks the case as complete)."""
+def write_result(result: Result, out_dir: str | Path, overwrite: bool = False,
+                 save_uncertainty: bool = False) -> dict[str, Path]:
+    """Write the label map (and the uncertainty maps when asked), then the statistics JSON: its presence marks the
+    case as complete."""
     check_outputs_free(out_dir, result.case_id, overwrite)
     paths = output_paths(out_dir, result.case_id)
     paths["statistics"].unlink(missing_ok=True)  # while the new labels are written, the case must not look done
     write_label_map(result.labels, result.reference, paths["labels"])
-    write_json({**result.summary(), "labels_file": paths["labels"].name}, paths["statistics"])
-    return paths
+    written = {"labels": paths["labels"]}
+    for name, values in result.uncertainty.items():
+        if save_uncertainty:
+            written[name] = write_scalar_map(values, result.reference, paths[name])
+        else:  # reached only with overwrite (or nothing there): no map of an earlier run beside the new labels
+            paths[name].unlink(missing_ok=True)
+    files = {f"{kind}_file": path.name for kind, path in written.items()}
+    written["statistics"] = write_json({**result.summary(), **files}, paths["statistics"])
+    return written

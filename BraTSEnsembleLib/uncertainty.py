@@ -1,0 +1,82 @@
+"""Per-voxel uncertainty of an ensemble: how much its members disagree, and how unsure their fused mean is.
+
+Two maps, both in [0, 1] on the case grid:
+
+- **disagreement** — the fraction of members whose own label (argmax of their probabilities) differs from the
+  ensemble's fused label (before postprocessing). 0 where all members agree; with one member it is 0 everywhere.
+  Counted in a streaming way: per class, how many members voted for it (uint8), so memory does not grow with the
+  number of members.
+- **entropy** — the Shannon entropy of the fused class probabilities divided by log(number of classes): 0 for a
+  certain voxel, 1 for a uniform one. Meaningful for a single model too.
+
+Each is summarised per region (mean inside the final ET, TC, WT … masks) in the statistics JSON, and written as a
+map with ``--save-uncertainty``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .labels import region_mask
+from .members.base import Probabilities
+
+
+@dataclass
+class VoteCounter:
+    """Counts, per voxel and canonical label, how many members' own labels chose it."""
+
+    _counts: dict[int, np.ndarray] = field(default_factory=dict)
+    members: int = 0
+
+    def add(self, member_labels: np.ndarray) -> None:
+        """Add one member's label map (canonical values)."""
+        if self.members == 255:
+            raise ValueError("more than 255 members cannot be counted in uint8")
+        for label in np.unique(member_labels):
+            counts = self._counts.get(int(label))
+            if counts is None:
+                counts = self._counts[int(label)] = np.zeros(member_labels.shape, dtype=np.uint8)
+            counts += member_labels == label
+        self.members += 1
+
+    def disagreement(self, fused_labels: np.ndarray) -> np.ndarray:
+        """Fraction of members whose label differs from ``fused_labels`` (float32)."""
+        if self.members == 0:
+            raise ValueError("no member has been counted")
+        agreeing = np.zeros(fused_labels.shape, dtype=np.uint8)
+        for label, counts in self._counts.items():
+            where = fused_labels == label
+            agreeing[where] = counts[where]
+        return (1.0 - agreeing.astype(np.float32) / np.float32(self.members)).astype(np.float32)
+
+
+def member_labels(probabilities: Probabilities) -> np.ndarray:
+    """A member's own label map: the argmax of its class probabilities (ties to the first class, as nnU-Net)."""
+    index = np.argmax(probabilities.array, axis=0)
+    return np.asarray(probabilities.labels, dtype=np.uint8)[index]
+
+
+def normalised_entropy(probabilities: Probabilities) -> np.ndarray:
+    """Entropy of the class probabilities at each voxel divided by log(C) (float32, 0 certain … 1 uniform)."""
+    array = probabilities.array
+    classes = array.shape[0]
+    if classes < 2:
+        return np.zeros(array.shape[1:], dtype=np.float32)
+    entropy = np.zeros(array.shape[1:], dtype=np.float32)
+    for channel in array:  # channel by channel: no second C × grid array
+        positive = channel > 0
+        entropy[positive] -= channel[positive] * np.log(channel[positive])
+    return (entropy / np.float32(np.log(classes))).clip(0.0, 1.0).astype(np.float32)
+
+
+def summarise(maps: dict[str, np.ndarray], labels: np.ndarray, regions: list[str]) -> dict[str, dict[str, float]]:
+    """``{region: {"mean_<map>": value}}``: each map's mean inside each region of the final labels (None if empty)."""
+    summary: dict[str, dict[str, float]] = {}
+    for region in regions:
+        mask = region_mask(labels, region)
+        summary[region] = {
+            f"mean_{name}": (round(float(values[mask].mean()), 4) if mask.any() else None)  # type: ignore[misc]
+            for name, values in maps.items()
+        }
+    return summary
