@@ -172,7 +172,7 @@ def cmd_predict(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     model_set = _model_set(args)
     device = resolve_device(args.device)
     paths = run_case(args.case_dir, args.output, model_set, device, args, progress)
-    progress(ProgressEvent("finished", paths["labels"].name[: -len(".nii.gz")], 1.0, "1 case done"))
+    progress(ProgressEvent("finished", paths["statistics"].stem, 1.0, "1 case done"))
     progress.close()
     if args.progress != "json":
         for kind, path in paths.items():
@@ -253,6 +253,11 @@ def cmd_evaluate(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     return 0
 
 
+def _stop_on_terminate(signum: int, frame: Any) -> None:
+    """SIGTERM (a cancel from the Slicer module or a scheduler) ends the run like Ctrl-C: nothing half-written stays."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
@@ -265,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdout = sys.stdout
     total = len(find_case_folders(args.cohort_dir)) if args.command == "batch" and args.cohort_dir.is_dir() else 1
     progress = ProgressPrinter(getattr(args, "progress", "none"), stdout, sys.stderr, total)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _stop_on_terminate)
     command = {"predict": cmd_predict, "batch": cmd_batch, "evaluate": cmd_evaluate}[args.command]
     try:
         # Libraries (nnU-Net) print on stdout; keep stdout for our results and JSON-lines progress.

@@ -133,3 +133,28 @@ def test_evaluate_scores_a_folder_and_refuses_foreign_labels(tmp_path):
     sitk.WriteImage(bad.to_sitk(bad.labels), str(gt_dir / f"{bad.case_id}-seg.nii.gz"))
     refused = brats_ensemble("evaluate", str(pred_dir), str(gt_dir), "-o", str(tmp_path / "scores2"))
     assert refused.returncode == 1 and bad.case_id in refused.stderr
+
+
+@pytest.mark.slow
+def test_cancel_in_the_middle_of_a_member_leaves_nothing_that_looks_done(trained_models, phantom_cases, tmp_path):
+    """SIGTERM (what a scheduler or the Slicer module's Cancel sends) while a model is predicting: exit 130, no
+    label map or statistics written."""
+    import signal
+    import time
+
+    case_dir = sorted(phantom_cases.iterdir())[0]
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "BraTSEnsembleLib.cli", "predict", str(case_dir), "-o",
+                                str(out), "-m", str(trained_models["A"].path), "--device", "cpu", "--progress",
+                                "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        for line in process.stdout:  # wait until the member is predicting (mirroring on: several seconds)
+            if "predicting" in json.loads(line)["message"]:
+                break
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 130
+    finally:
+        process.kill()
+    assert "cancelled" in process.stderr.read()
+    assert not any(out.glob("*.nii.gz")) and not any(out.glob("*.json"))
