@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import BraTSEnsembleError, ModelError
+from .ensemble import fusion_space
 from .labels import LABEL_NAMES
 from .members.base import Member
 from .members.nnunet import NnUNetMember
@@ -133,6 +134,7 @@ class ModelSet:
         uniform = all(v == 1.0 for f in (self.class_weights or []) for v in (f or {}).values())
         description.update({
             "fusion": "weighted-mean" if uniform else "class-weighted-mean",
+            "fusion_space": fusion_space(self.members),
             "members": members,
             "postprocess": [str(s) for s in self.postprocess],
         })

@@ -17,12 +17,12 @@ import torch
 
 from . import __version__
 from .case import Case, write_json, write_label_map, write_scalar_map
-from .ensemble import StreamingEnsemble
+from .ensemble import StreamingEnsemble, fused_labels, fusion_space
 from .errors import Cancelled, DeviceError, OutputError
 from .modelset import ModelSet
 from .postprocess import apply_steps
 from .stats import region_statistics
-from .uncertainty import VoteCounter, member_labels, normalised_entropy, summarise
+from .uncertainty import VoteCounter, normalised_entropy, summarise
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
 
     started = time.perf_counter()
     emit(ProgressEvent("case-start", case.case_id, 0.0, f"{n} model(s) on {torch_device}"))
-    ensemble = StreamingEnsemble()
+    ensemble = StreamingEnsemble(space=fusion_space(model_set.members))
     votes = VoteCounter()
     class_weights = model_set.class_weights or [None] * n
     for index, (member, weight) in enumerate(zip(model_set.members, model_set.weights)):
@@ -101,14 +101,14 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
                                f"model {_index + 1}/{n}: {_member.name}: {step}"))
 
         probabilities = member.predict(case, torch_device, report)
-        votes.add(member_labels(probabilities))
+        votes.add(fused_labels(probabilities))
         if probabilities.grid_shape != case.shape_zyx:
             raise RuntimeError(f"{member.name} returned a grid {probabilities.grid_shape}, case is {case.shape_zyx}")
         ensemble.add(probabilities, weight, class_weights[index])
         del probabilities
         emit(ProgressEvent("member-done", case.case_id, (index + 1) / n * 0.95, f"model {index + 1}/{n} done"))
     check_cancel()
-    raw_labels = ensemble.argmax_labels()
+    raw_labels = ensemble.fused_labels()  # argmax (label space) or nested p > 0.5 (region space)
     emit(ProgressEvent("postprocess", case.case_id, 0.96,
                        ", ".join(map(str, model_set.postprocess)) or "no postprocessing"))
     labels, records = apply_steps(raw_labels, model_set.postprocess)

@@ -2,12 +2,14 @@
 
 Two maps, both in [0, 1] on the case grid:
 
-- **disagreement** — the fraction of members whose own label (argmax of their probabilities) differs from the
-  ensemble's fused label (before postprocessing). 0 where all members agree; with one member it is 0 everywhere.
+- **disagreement** — the fraction of members whose own labels (argmax of their probabilities; nested thresholds for
+  region-based members, see :func:`BraTSEnsembleLib.ensemble.fused_labels`) differ from the ensemble's fused label
+  (before postprocessing). 0 where all members agree; with one member it is 0 everywhere.
   Counted in a streaming way: per class, how many members voted for it (uint8), so memory does not grow with the
   number of members.
 - **entropy** — the Shannon entropy of the fused class probabilities divided by log(number of classes): 0 for a
-  certain voxel, 1 for a uniform one. Meaningful for a single model too.
+  certain voxel, 1 for a uniform one. In nested-region space (WT, TC, ET are independent sigmoids, not one
+  distribution) it is the mean of the three regions' binary entropies over log 2. Meaningful for a single model too.
 
 Each is summarised per region (mean inside the final ET, TC, WT … masks) in the statistics JSON, and written as a
 map with ``--save-uncertainty``.
@@ -51,15 +53,16 @@ class VoteCounter:
         return (1.0 - agreeing.astype(np.float32) / np.float32(self.members)).astype(np.float32)
 
 
-def member_labels(probabilities: Probabilities) -> np.ndarray:
-    """A member's own label map: the argmax of its class probabilities (ties to the first class, as nnU-Net)."""
-    index = np.argmax(probabilities.array, axis=0)
-    return np.asarray(probabilities.labels, dtype=np.uint8)[index]
-
-
 def normalised_entropy(probabilities: Probabilities) -> np.ndarray:
-    """Entropy of the class probabilities at each voxel divided by log(C) (float32, 0 certain … 1 uniform)."""
+    """Entropy of the class probabilities at each voxel divided by log(C) (float32, 0 certain … 1 uniform); for
+    region probabilities the mean binary entropy of the regions over log 2."""
     array = probabilities.array
+    if probabilities.is_regions:
+        entropy = np.zeros(array.shape[1:], dtype=np.float32)
+        for p in array:
+            q = np.clip(p, 1e-7, 1 - 1e-7)
+            entropy -= q * np.log(q) + (1 - q) * np.log1p(-q)
+        return (entropy / np.float32(len(array) * np.log(2))).clip(0.0, 1.0).astype(np.float32)
     classes = array.shape[0]
     if classes < 2:
         return np.zeros(array.shape[1:], dtype=np.float32)

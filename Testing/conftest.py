@@ -20,12 +20,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_REAL_CASE = ROOT.parent / "shared" / "data" / "real" / "BraTS-GLI-00001-000"
 
-# name → (dataset id, channel order, channel naming style, folds, first training seed)
-MODEL_SPECS: dict[str, tuple[int, str, str, str, int]] = {
+# name → (dataset id, channel order, channel naming style, folds, first training seed, extra training options)
+MODEL_SPECS: dict[str, tuple[int, str, str, str, int, tuple[str, ...]]] = {
     # BraTS 2023 channel names in BraTS order, two folds (fold averaging is exercised)
-    "A": (501, "t1n,t1c,t2w,t2f", "brats2023", "0,1", 1000),
+    "A": (501, "t1n,t1c,t2w,t2f", "brats2023", "0,1", 1000, ()),
     # other names (T1w, t1gd, T2w, FLAIR) in another order: role mapping must follow dataset.json
-    "B": (502, "t2f,t1c,t1n,t2w", "msd", "0", 2000),
+    "B": (502, "t2f,t1c,t1n,t2w", "msd", "0", 2000, ()),
+    # region-based (sigmoid heads WT, TC, ET; nnU-Net's Dataset137 labels 1 ED, 2 NCR, 3 ET), a few more epochs
+    "R": (503, "t1n,t1c,t2w,t2f", "brats2023", "0", 3000, ("--regions", "--epochs", "5")),
 }
 
 
@@ -45,11 +47,11 @@ def _builder_hash() -> str:
 
 
 def _train(work: Path, name: str) -> Path:
-    dataset_id, order, style, folds, seed = MODEL_SPECS[name]
+    dataset_id, order, style, folds, seed, extra = MODEL_SPECS[name]
     command = [sys.executable, "-m", "BraTSEnsembleLib.demo.nnunet_train", "--work", str(work),
                "--dataset-id", str(dataset_id), "--name", f"Phantoms{name}", "--channel-order", order,
                "--channel-style", style, "--fold", folds, "--seed", str(seed), "--epochs", "3",
-               "--iterations", "6", "--cases", "6"]
+               "--iterations", "6", "--cases", "6", *extra]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"training model {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

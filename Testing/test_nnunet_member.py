@@ -85,13 +85,24 @@ def test_checkpoint_needing_arbitrary_code_is_refused_unless_trusted(trained_mod
     assert trusted.members[0].predict(case, torch.device("cpu")).array.shape[0] == 4
 
 
-def test_region_based_and_cascade_models_are_refused_clearly(trained_models, tmp_path):
+@pytest.mark.parametrize("labels, order, message", [
+    # region names unknown and the label sets not nested: which region is WT, TC, ET cannot be told
+    ({"background": 0, "r1": [1, 2], "r2": [2, 3], "r3": 3}, [1, 2, 3], "cannot tell which of the regions"),
+    # named regions that are not nested as WT ⊃ TC ⊃ ET
+    ({"background": 0, "whole tumor": [1, 2], "tumor core": [2, 3], "enhancing tumor": 3}, [1, 2, 3],
+     "not nested"),
+    # region-based without regions_class_order (nnU-Net itself cannot run it)
+    ({"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}, None,
+     "regions_class_order"),
+])
+def test_region_models_that_cannot_be_mapped_are_refused_clearly(trained_models, tmp_path, labels, order, message):
     model = copy_model(trained_models["B"].path, tmp_path / "model")
     dataset = json.loads((model / "dataset.json").read_text())
-    dataset["labels"] = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}
-    dataset["regions_class_order"] = [1, 2, 3]
+    dataset["labels"] = labels
+    if order is not None:
+        dataset["regions_class_order"] = order
     (model / "dataset.json").write_text(json.dumps(dataset))
-    with pytest.raises(ModelError, match="region-based"):
+    with pytest.raises(ModelError, match=message):
         NnUNetMember(model)
 
 

@@ -12,7 +12,8 @@ import SimpleITK as sitk
 
 from BraTSEnsembleLib.labels import ET, NETC, SNFH
 from BraTSEnsembleLib.members.base import Probabilities
-from BraTSEnsembleLib.uncertainty import VoteCounter, member_labels, normalised_entropy, summarise
+from BraTSEnsembleLib.ensemble import fused_labels
+from BraTSEnsembleLib.uncertainty import VoteCounter, normalised_entropy, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,11 +39,21 @@ def test_normalised_entropy_is_zero_when_certain_and_one_when_uniform():
     assert entropy.ravel().tolist() == pytest.approx([0.0, 1.0, 0.5], abs=1e-6)
 
 
+def test_region_entropy_is_the_mean_binary_entropy():
+    from BraTSEnsembleLib.members.base import REGION_SPACE
+
+    array = np.zeros((3, 1, 1, 2), np.float32)
+    array[:, 0, 0, 0] = [0.5, 0.5, 0.5]  # maximally unsure for every region
+    array[:, 0, 0, 1] = [1.0, 1.0, 0.0]  # certain
+    entropy = normalised_entropy(Probabilities(array, ("WT", "TC", "ET"), REGION_SPACE))
+    assert entropy.ravel().tolist() == pytest.approx([1.0, 0.0], abs=1e-4)
+
+
 def test_member_labels_and_region_summary():
     array = np.zeros((3, 1, 1, 2), np.float32)
     array[:, 0, 0, 0] = [0.1, 0.6, 0.3]
     array[:, 0, 0, 1] = [0.1, 0.2, 0.7]
-    assert member_labels(Probabilities(array, (0, SNFH, ET))).tolist() == [[[SNFH, ET]]]
+    assert fused_labels(Probabilities(array, (0, SNFH, ET))).tolist() == [[[SNFH, ET]]]
     labels = np.array([[[SNFH, ET]]], np.uint8)
     summary = summarise({"disagreement": np.array([[[0.5, 0.0]]], np.float32)}, labels, ["ET", "WT", "NETC"])
     assert summary == {"ET": {"mean_disagreement": 0.0}, "WT": {"mean_disagreement": 0.25},

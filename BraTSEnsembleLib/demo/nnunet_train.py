@@ -5,6 +5,11 @@ downloaded). The dataset is a real ``nnUNet_raw`` dataset, planned and preproces
 narrowed (fewer features per stage) so that a few CPU epochs are enough; the training is ``nnUNetTrainer`` itself
 with fewer epochs and iterations. The results folder is exactly what ``nnUNetv2_train`` writes.
 
+``--regions`` makes a region-based dataset instead, as nnU-Net's own BraTS conversion (Dataset137) does: labels
+remapped to 1 = ED (SNFH), 2 = NCR (NETC), 3 = ET and ``dataset.json`` labels ``{"background": 0, "whole tumor":
+[1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}`` with ``regions_class_order`` [1, 2, 3]. nnU-Net's trainer
+then trains three sigmoid heads (WT, TC, ET) with its region loss and augmentation, natively.
+
 Run it as a module, because nnU-Net reads its folder variables when it is first imported::
 
     python -m BraTSEnsembleLib.demo.nnunet_train --work /tmp/nn --dataset-id 501 --epochs 2
@@ -28,10 +33,18 @@ CHANNEL_STYLES: dict[str, dict[str, str]] = {
     "msd": {"t1n": "T1w", "t1c": "t1gd", "t2w": "T2w", "t2f": "FLAIR"},
 }
 
+#: Region-based datasets (``--regions``) use nnU-Net's Dataset137 values: canonical label → value in labelsTr.
+REGION_DATASET_VALUES: dict[int, int] = {0: 0, 1: 2, 2: 1, 3: 3}  # NETC → 2 (NCR), SNFH → 1 (ED), ET → 3
+REGION_DATASET_LABELS: dict = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}
+REGION_CLASS_ORDER: list[int] = [1, 2, 3]
+
 
 def write_raw_dataset(raw_root: Path, dataset_id: int, name: str, seeds: Sequence[int],
-                      channel_order: Sequence[str], channel_style: str, shape: tuple[int, int, int]) -> Path:
-    """Write phantoms as an nnU-Net raw dataset (imagesTr, labelsTr, dataset.json) and return its folder."""
+                      channel_order: Sequence[str], channel_style: str, shape: tuple[int, int, int],
+                      regions: bool = False) -> Path:
+    """Write phantoms as an nnU-Net raw dataset (imagesTr, labelsTr, dataset.json) and return its folder.
+
+    With ``regions`` the dataset is region-based in nnU-Net's Dataset137 convention (see the module docstring)."""
     folder = raw_root / f"Dataset{dataset_id:03d}_{name}"
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -42,16 +55,23 @@ def write_raw_dataset(raw_root: Path, dataset_id: int, name: str, seeds: Sequenc
         for channel, role in enumerate(channel_order):
             sitk.WriteImage(phantom.to_sitk(phantom.images[role]),
                             str(folder / "imagesTr" / f"{phantom.case_id}_{channel:04d}.nii.gz"))
-        sitk.WriteImage(phantom.to_sitk(phantom.labels), str(folder / "labelsTr" / f"{phantom.case_id}.nii.gz"))
+        labels = phantom.labels
+        if regions:
+            from ..labels import remap
+
+            labels = remap(labels, REGION_DATASET_VALUES)
+        sitk.WriteImage(phantom.to_sitk(labels), str(folder / "labelsTr" / f"{phantom.case_id}.nii.gz"))
     names = CHANNEL_STYLES[channel_style]
     dataset = {
         "channel_names": {str(i): names[role] for i, role in enumerate(channel_order)},
-        "labels": {"background": 0, "NETC": 1, "SNFH": 2, "ET": 3},
+        "labels": REGION_DATASET_LABELS if regions else {"background": 0, "NETC": 1, "SNFH": 2, "ET": 3},
         "numTraining": len(seeds),
         "file_ending": ".nii.gz",
         "name": name,
         "description": "Synthetic BraTS-like phantoms (BraTSEnsembleLib.demo.phantom); not patient data.",
     }
+    if regions:
+        dataset["regions_class_order"] = REGION_CLASS_ORDER
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
     return folder
 
@@ -65,12 +85,12 @@ def narrow_plans(plans: dict, configuration: str, max_features: int, base_featur
 
 def train(work: Path, dataset_id: int, name: str, seeds: Sequence[int], epochs: int, iterations: int,
           folds: Sequence[str], channel_order: Sequence[str], channel_style: str, shape: tuple[int, int, int],
-          base_features: int, max_features: int) -> Path:
+          base_features: int, max_features: int, regions: bool = False) -> Path:
     """Plan, preprocess and train; return the results folder. Sets nnU-Net's folder variables for this process."""
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
         os.environ[var] = str(work / sub)
         (work / sub).mkdir(parents=True, exist_ok=True)
-    write_raw_dataset(work / "raw", dataset_id, name, seeds, channel_order, channel_style, shape)
+    write_raw_dataset(work / "raw", dataset_id, name, seeds, channel_order, channel_style, shape, regions)
 
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
@@ -121,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", default="64,72,64", help="phantom array shape z,y,x")
     parser.add_argument("--base-features", type=int, default=4)
     parser.add_argument("--max-features", type=int, default=32)
+    parser.add_argument("--regions", action="store_true",
+                        help="region-based dataset (WT, TC, ET sigmoid heads; nnU-Net's Dataset137 label values)")
     args = parser.parse_args(argv)
     order = args.channel_order.split(",")
     if sorted(order) != sorted(ROLES):
@@ -128,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = train(args.work.resolve(), args.dataset_id, args.name,
                     list(range(args.seed, args.seed + args.cases)), args.epochs, args.iterations, args.fold.split(","), order,
                     args.channel_style, tuple(int(v) for v in args.shape.split(",")),  # type: ignore[arg-type]
-                    args.base_features, args.max_features)
+                    args.base_features, args.max_features, args.regions)
     print(results, flush=True)
     return 0
 

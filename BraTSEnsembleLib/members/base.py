@@ -2,14 +2,26 @@
 
 A member is one trained model (one framework, one or more folds). It runs its framework's own preprocessing and
 sliding-window inference and returns :class:`Probabilities` on the case grid, with each channel named by the
-canonical BraTS label it stands for, so that members of different frameworks and class orders can be summed.
+canonical BraTS class it stands for, so that members of different frameworks and class orders can be summed.
+
+**Class spaces.** Probabilities lie in one of two spaces:
+
+* label space (``LABEL_SPACE``, softmax models): one channel per canonical label (0 background, 1 NETC, 2 SNFH,
+  3 ET, 4 RC), named by that label; the channels sum to 1 at every voxel.
+* nested-region space (``REGION_SPACE``, region-based models with sigmoid heads such as nnU-Net's BraTS
+  Dataset137): one channel per BraTS region, named ``"WT"``, ``"TC"``, ``"ET"`` (:data:`NESTED_REGIONS`); no
+  background channel. Each channel is an independent probability in [0, 1].
+
+A member may say which space it predicts in through an optional ``space`` attribute (label space when absent).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, runtime_checkable
 
 import numpy as np
+
+from ..labels import ET, NETC, SNFH
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -20,31 +32,59 @@ if TYPE_CHECKING:  # pragma: no cover
 StepReporter = Callable[[str], None]
 
 
+LABEL_SPACE = "labels"
+REGION_SPACE = "regions"
+
+#: The nested BraTS regions of the region space, outermost first: nnU-Net's ``regions_class_order`` for BraTS.
+NESTED_REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
+
+#: Canonical label that each region writes where its probability exceeds 0.5 (nnU-Net's rule for regions, in the
+#: order of :data:`NESTED_REGIONS`, later regions overwriting earlier): WT → SNFH, TC → NETC, ET → ET.
+REGION_WRITES: dict[str, int] = {"WT": SNFH, "TC": NETC, "ET": ET}
+
+
 @dataclass
 class Probabilities:
     """Per-class probabilities of one member on the case grid.
 
     ``array`` is float32 with shape (C, z, y, x): SimpleITK/nnU-Net array order of the case's reference image.
-    ``labels[c]`` is the canonical BraTS label (see :mod:`BraTSEnsembleLib.labels`) of channel ``c``; channels of
-    a label-space member sum to 1 at every voxel.
+    ``labels[c]`` names channel ``c``: in label space (``space == LABEL_SPACE``, the default) the canonical BraTS
+    label (see :mod:`BraTSEnsembleLib.labels`), and the channels sum to 1 at every voxel; in nested-region space
+    (``space == REGION_SPACE``) the region name ``"WT"``, ``"TC"`` or ``"ET"``, each channel a sigmoid probability
+    (0 outside the framework's crop box, as nnU-Net exports region probabilities).
     """
 
     array: np.ndarray
-    labels: tuple[int, ...]
+    labels: tuple[Hashable, ...]
+    space: str = LABEL_SPACE
 
     def __post_init__(self) -> None:
         if self.array.ndim != 4 or self.array.shape[0] != len(self.labels):
             raise ValueError(f"probabilities of shape {self.array.shape} do not fit labels {self.labels}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels {self.labels} name one class twice")
+        if self.space == REGION_SPACE:
+            unknown = [r for r in self.labels if r not in NESTED_REGIONS]
+            if unknown:
+                raise ValueError(f"region channels {unknown} are not BraTS regions ({', '.join(NESTED_REGIONS)})")
+        elif self.space == LABEL_SPACE:
+            if not all(isinstance(v, (int, np.integer)) for v in self.labels):
+                raise ValueError(f"label-space channels must be canonical labels (integers), got {self.labels}")
+        else:
+            raise ValueError(f"unknown class space {self.space!r}; use {LABEL_SPACE!r} or {REGION_SPACE!r}")
+
+    @property
+    def is_regions(self) -> bool:
+        """True for nested-region probabilities (channels WT, TC, ET)."""
+        return self.space == REGION_SPACE
 
     @property
     def grid_shape(self) -> tuple[int, int, int]:
         """Shape (z, y, x) of the grid the probabilities lie on."""
         return tuple(self.array.shape[1:])  # type: ignore[return-value]
 
-    def channel(self, label: int) -> np.ndarray | None:
-        """The probability map of canonical ``label``, or None when this member does not predict it."""
+    def channel(self, label: Hashable) -> np.ndarray | None:
+        """The probability map of canonical ``label`` (a region name in region space), or None when absent."""
         return self.array[self.labels.index(label)] if label in self.labels else None
 
 
@@ -61,10 +101,12 @@ class Member(Protocol):
 
     @property
     def labels(self) -> tuple[int, ...]:
-        """Canonical labels of the channels that :meth:`predict` returns."""
+        """Canonical labels the member predicts: its channels' labels (label space), or the labels that its
+        regions write (region space: background and SNFH/NETC/ET for WT/TC/ET)."""
 
     def predict(self, case: "Case", device: "torch.device", report: StepReporter | None = None) -> Probabilities:
-        """Run the model on ``case`` and return its probabilities on the case grid."""
+        """Run the model on ``case`` and return its probabilities on the case grid (in the member's ``space``:
+        label space unless the member has ``space == REGION_SPACE``)."""
 
     def describe(self) -> dict[str, Any]:
         """Provenance: framework, path, folds, checkpoint and options, as JSON-serialisable values."""

@@ -6,6 +6,20 @@ made: from the plans' architecture (``get_network_from_plans``) instead of searc
 That search imports every trainer module (and with them timm/torchvision, which crash on a CPU-only torch) and
 fails for the custom trainers BraTS teams use (loss or fine-tuning variants), whose networks are still the
 plans' network. Networks that the plans do not describe (U-Mamba) are built by their own module.
+
+**Region-based models** (``dataset.json`` labels with lists, e.g. ``{"background": 0, "whole tumor": [1, 2, 3],
+"tumor core": [2, 3], "enhancing tumor": 3}`` and ``regions_class_order``; nnU-Net trains them with sigmoid heads,
+as its BraTS Dataset137) are members in nested-region space: :meth:`NnUNetMember.predict` returns the sigmoid
+probabilities of each region exactly as ``nnUNetv2_predict --save_probabilities`` exports them (un-cropped, 0
+outside the crop box), with channels named WT, TC and ET. Each region is identified by its **name** (``whole
+tumo(u)r``/``WT``, ``tumo(u)r core``/``TC``, ``enhancing tumo(u)r``/``ET``), so it does not matter whether the
+training labels were nnU-Net's remapped 1 = ED, 2 = NCR, 3 = ET or the BraTS 2023 values. When a name is not
+recognised, the regions are identified **by value** instead: they must be three strictly nested label sets, and the
+largest is WT, the middle one TC and the smallest ET (true of every BraTS convention: WT {1,2,3} ⊃ TC {2,3} or
+{1,3} ⊃ ET {3}; BraTS 2021 {1,2,4} ⊃ {1,4} ⊃ {4}). Regions identified by name must be nested the same way.
+The model's labels then come from the fusion's nested rule (WT → SNFH, TC → NETC, ET → ET; see
+:mod:`BraTSEnsembleLib.ensemble`), which is nnU-Net's own rule whenever ``regions_class_order`` lists the regions
+from outermost to innermost, as BraTS region models do.
 """
 from __future__ import annotations
 
@@ -21,9 +35,9 @@ import torch
 
 from ..checkpoints import load_checkpoint
 from ..errors import ModelError
-from ..labels import class_mapping_from_dataset_labels
+from ..labels import BACKGROUND, class_mapping_from_dataset_labels
 from ..roles import ensure_roles_available, model_channel_roles
-from .base import Probabilities, StepReporter
+from .base import LABEL_SPACE, NESTED_REGIONS, REGION_SPACE, REGION_WRITES, Probabilities, StepReporter
 
 CHECKPOINT_NAMES: dict[str, str] = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 
@@ -38,6 +52,53 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: not valid JSON ({exc})") from exc
+
+
+# Region names of region-based datasets → canonical BraTS region; first match wins (TC before ET: "core").
+_REGION_NAME_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"whole|^wt$", "WT"),
+    (r"core|^tc$", "TC"),
+    (r"enhanc|^et$", "ET"),
+)
+
+
+def is_region_based(labels: dict) -> bool:
+    """nnU-Net's own test (LabelManager): some class is a list of more than one label value."""
+    return any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values())
+
+
+def region_channels(labels: dict, where: str) -> tuple[str, ...]:
+    """Canonical region (WT/TC/ET) of each output channel of a region-based model, in the channel order.
+
+    nnU-Net's channels are the non-background entries of ``labels`` in their order (LabelManager.foreground_regions).
+    Regions are identified by name, else by nesting of their label values (see the module docstring).
+    """
+    values: list[tuple[str, frozenset[int]]] = []
+    for name, value in labels.items():
+        if name == "ignore":
+            continue
+        members = frozenset(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+        if members == {0}:
+            continue  # background
+        values.append((name, members))
+    by_name = []
+    for name, _ in values:
+        key = name.strip().lower().replace("_", " ")
+        by_name.append(next((region for pattern, region in _REGION_NAME_PATTERNS if re.search(pattern, key)), None))
+    fix = ('Name the regions "whole tumor", "tumor core" and "enhancing tumor" (or WT, TC, ET) in dataset.json, '
+           "or give them nested label sets (WT ⊃ TC ⊃ ET).")
+    if any(r is None for r in by_name) or len(set(by_name)) != len(by_name):
+        chain = sorted(values, key=lambda item: -len(item[1]))
+        nested = len(chain) == 3 and chain[0][1] > chain[1][1] > chain[2][1]
+        if not nested:
+            raise ModelError(f"{where}: cannot tell which of the regions {dict(labels)} are WT, TC and ET. {fix}")
+        by_value = {name: region for (name, _), region in zip(chain, NESTED_REGIONS)}
+        return tuple(by_value[name] for name, _ in values)
+    sets = {region: members for region, (_, members) in zip(by_name, values)}
+    ordered = [sets[r] for r in NESTED_REGIONS if r in sets]
+    if any(not inner < outer for outer, inner in zip(ordered, ordered[1:])):
+        raise ModelError(f"{where}: the regions {dict(labels)} are not nested as WT ⊃ TC ⊃ ET. {fix}")
+    return tuple(by_name)  # type: ignore[arg-type]
 
 
 def checkpoint_file_name(checkpoint: str) -> str:
@@ -92,17 +153,23 @@ class NnUNetMember:
         self._roles = model_channel_roles(self.dataset_json.get("channel_names") or self.dataset_json.get("modality", {}),
                                           str(self.model_dir / "dataset.json"))
         label_dict = self.dataset_json.get("labels", {})
-        if any(isinstance(v, (list, tuple)) for v in label_dict.values()) or "regions_class_order" in self.dataset_json:
-            raise ModelError(
-                f"{self.model_dir}: region-based nnU-Net models (labels given as lists, regions_class_order) are "
-                "not supported by this version; use a label-based model."
-            )
-        try:
-            mapping = class_mapping_from_dataset_labels(label_dict)
-        except ValueError as exc:
-            raise ModelError(f"{self.model_dir / 'dataset.json'}: {exc}") from exc
-        # nnU-Net's output channels are the label values in ascending order (LabelManager.all_labels).
-        self._labels = tuple(mapping[v] for v in sorted(mapping))
+        #: class space of the probabilities that predict() returns
+        self.space = REGION_SPACE if is_region_based(label_dict) else LABEL_SPACE
+        self._regions: tuple[str, ...] = ()
+        if self.space == REGION_SPACE:
+            if not self.dataset_json.get("regions_class_order"):
+                raise ModelError(f"{self.model_dir / 'dataset.json'}: region-based labels need regions_class_order "
+                                 "(nnU-Net cannot run the model without it)")
+            # nnU-Net's output channels are the regions in the order of dataset.json (foreground_regions).
+            self._regions = region_channels(label_dict, str(self.model_dir / "dataset.json"))
+            self._labels = tuple(sorted({BACKGROUND, *(REGION_WRITES[r] for r in self._regions)}))
+        else:
+            try:
+                mapping = class_mapping_from_dataset_labels(label_dict)
+            except ValueError as exc:
+                raise ModelError(f"{self.model_dir / 'dataset.json'}: {exc}") from exc
+            # nnU-Net's output channels are the label values in ascending order (LabelManager.all_labels).
+            self._labels = tuple(mapping[v] for v in sorted(mapping))
         self._predictor: Any = None
 
     @property
@@ -111,9 +178,16 @@ class NnUNetMember:
 
     @property
     def labels(self) -> tuple[int, ...]:
+        """Canonical labels of the channels (label-based) or the labels the regions write (region-based)."""
         return self._labels
 
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """Canonical region (WT/TC/ET) of each output channel of a region-based model; () for label-based ones."""
+        return self._regions
+
     def describe(self) -> dict[str, Any]:
+        extra = {"space": REGION_SPACE, "regions": list(self._regions)} if self.space == REGION_SPACE else {}
         return {
             "framework": self.framework,
             "name": self.name,
@@ -123,6 +197,7 @@ class NnUNetMember:
             "mirroring": self.use_mirroring,
             "tile_step_size": self.tile_step_size,
             "channels": list(self.roles),
+            **extra,
         }
 
     # -- loading -------------------------------------------------------------------------------------------------
@@ -212,7 +287,8 @@ class NnUNetMember:
     # -- inference -----------------------------------------------------------------------------------------------
 
     def predict(self, case: Any, device: torch.device, report: StepReporter | None = None) -> Probabilities:
-        """Probabilities on the case grid, exactly as ``nnUNetv2_predict --save_probabilities`` computes them."""
+        """Probabilities on the case grid, exactly as ``nnUNetv2_predict --save_probabilities`` computes them:
+        softmax over labels, or for a region-based model sigmoid per region (0 outside the crop box)."""
         ensure_roles_available(self.roles, case.roles, f"model {self.name}", f"case {case.case_id}")
         if report:
             report("loading")
@@ -224,4 +300,6 @@ class NnUNetMember:
         _, probabilities = predictor.predict_single_npy_array(data, {"spacing": list(case.spacing_zyx)}, None, None,
                                                               True)
         array = np.ascontiguousarray(probabilities, dtype=np.float32)
+        if self.space == REGION_SPACE:
+            return Probabilities(array, self._regions, REGION_SPACE)
         return Probabilities(array, self.labels)
