@@ -352,22 +352,23 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
-def write_label_map(labels: np.ndarray, reference: sitk.Image, path: str | Path) -> Path:
-    """Write a (z, y, x) label array as uint8 on the reference image's geometry."""
+def write_array_image(array: np.ndarray, dtype: type, reference: sitk.Image, path: str | Path) -> Path:
+    """Write a (z, y, x) array as ``dtype`` on the reference image's geometry, atomically, compressed."""
     path = Path(path)
-    image = sitk.GetImageFromArray(labels.astype(np.uint8, copy=False))
+    image = sitk.GetImageFromArray(array.astype(dtype, copy=False))
     image.CopyInformation(reference)
     _atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
     return path
+
+
+def write_label_map(labels: np.ndarray, reference: sitk.Image, path: str | Path) -> Path:
+    """Write a (z, y, x) label array as uint8 on the reference image's geometry."""
+    return write_array_image(labels, np.uint8, reference, path)
 
 
 def write_scalar_map(values: np.ndarray, reference: sitk.Image, path: str | Path) -> Path:
     """Write a (z, y, x) float map (uncertainty, probability) as float32 on the reference image's geometry."""
-    path = Path(path)
-    image = sitk.GetImageFromArray(values.astype(np.float32, copy=False))
-    image.CopyInformation(reference)
-    _atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
-    return path
+    return write_array_image(values, np.float32, reference, path)
 
 
 def write_json(data: Any, path: str | Path) -> Path:

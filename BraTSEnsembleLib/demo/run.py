@@ -29,8 +29,24 @@ from .phantom import make_phantom
 
 PACKAGE = Path(__file__).resolve().parent
 DEMO_CASE_SEED = 777  # training uses seeds 100..; this case is held out
+DEMO_CASE_ID = "DemoPhantom-777"
 TRAINING = ["--dataset-id", "900", "--name", "DemoPhantoms", "--cases", "8", "--seed", "100", "--epochs", "20",
             "--iterations", "20", "--fold", "0"]
+
+
+def demo_cache_dir() -> Path:
+    """The demo's folder in the user's cache (``$BRATS_ENSEMBLE_CACHE`` or ``~/.cache/brats-ensemble``)."""
+    from ..downloads import default_cache_dir
+
+    return default_cache_dir() / "demo"
+
+
+def cached_demo_model(cache_root: Path | None = None) -> Path | None:
+    """The demo's trained results folder when ``brats-ensemble demo`` has made it, else None (nothing trained)."""
+    marker = _model_cache(cache_root or demo_cache_dir()) / "results-folder.txt"
+    if marker.is_file() and Path(marker.read_text().strip()).is_dir():
+        return Path(marker.read_text().strip())
+    return None
 
 
 def _model_cache(root: Path) -> Path:
@@ -44,8 +60,9 @@ def ensure_demo_model(cache_root: Path) -> Path:
     """The demo's nnU-Net results folder, trained here on first use (about three minutes on 2 CPU cores)."""
     work = _model_cache(cache_root)
     marker = work / "results-folder.txt"
-    if marker.is_file() and Path(marker.read_text().strip()).is_dir():
-        return Path(marker.read_text().strip())
+    cached = cached_demo_model(cache_root)
+    if cached is not None:
+        return cached
     print(f"Training the demo's nnU-Net v2 model on phantoms (once; cached in {work}) …", flush=True)
     done = subprocess.run([sys.executable, "-m", "BraTSEnsembleLib.demo.nnunet_train", "--work", str(work),
                            *TRAINING], capture_output=True, text=True)
@@ -74,7 +91,9 @@ def _uncertainty_note(members: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="brats-ensemble demo", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, default=Path("demo-output"))
-    parser.add_argument("--cache", type=Path, default=Path(".cache"), help="where the demo model is kept")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="where the demo model is kept (default: the user's brats-ensemble cache folder, where "
+                             "the Slicer self-test finds it too)")
     args = parser.parse_args(argv)
     import SimpleITK as sitk
 
@@ -83,8 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..segmentation import label_file_to_seg_nrrd, write_statistics_csv
     from .report import write_report
 
-    model = ensure_demo_model(args.cache.resolve())
-    phantom = make_phantom(DEMO_CASE_SEED, case_id="DemoPhantom-777")
+    model = ensure_demo_model((args.cache or demo_cache_dir()).resolve())
+    phantom = make_phantom(DEMO_CASE_SEED, case_id=DEMO_CASE_ID)
     case_dir = phantom.write(args.output / "case", with_labels=True)
     result_dir = args.output / "result"
     command = [sys.executable, "-m", "BraTSEnsembleLib.cli", "predict", str(case_dir), "-o", str(result_dir),
