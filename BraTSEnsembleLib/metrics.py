@@ -237,8 +237,12 @@ def surfel_distances(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float])
     empty = np.zeros(0)
     if box is None:
         return SurfelDistances(empty, empty, empty, empty)
-    codes_gt = _neighbour_codes(gt[box])
-    codes_pred = _neighbour_codes(pred[box])
+    return _distances_between_codes(_neighbour_codes(gt[box]), _neighbour_codes(pred[box]), spacing)
+
+
+def _distances_between_codes(codes_gt: np.ndarray, codes_pred: np.ndarray,
+                             spacing: Sequence[float]) -> SurfelDistances:
+    """Surface elements of two corner-code volumes and the distance of each to the other surface (mm)."""
     border_gt = (codes_gt != 0) & (codes_gt != 255)
     border_pred = (codes_pred != 0) & (codes_pred != 255)
     sampling = tuple(float(s) for s in spacing)
@@ -292,18 +296,7 @@ def hd95_label_maps_2024(gt_lesions: np.ndarray, pred_lesions: np.ndarray, spaci
     box = _bbox((gt_lesions != 0) | (pred_lesions != 0))
     if box is None:
         return math.inf
-    codes_gt = _label_map_codes(gt_lesions[box])
-    codes_pred = _label_map_codes(pred_lesions[box])
-    border_gt = (codes_gt != 0) & (codes_gt != 255)
-    border_pred = (codes_pred != 0) & (codes_pred != 255)
-    sampling = tuple(float(s) for s in spacing)
-    dist_to_gt = (ndimage.distance_transform_edt(~border_gt, sampling=sampling) if border_gt.any()
-                  else np.full(border_gt.shape, np.inf))
-    dist_to_pred = (ndimage.distance_transform_edt(~border_pred, sampling=sampling) if border_pred.any()
-                    else np.full(border_pred.shape, np.inf))
-    areas = surfel_area_table(sampling)
-    sd = SurfelDistances(dist_to_pred[border_gt], areas[codes_gt[border_gt]],
-                         dist_to_gt[border_pred], areas[codes_pred[border_pred]])
+    sd = _distances_between_codes(_label_map_codes(gt_lesions[box]), _label_map_codes(pred_lesions[box]), spacing)
     return robust_hausdorff(sd, 95.0)
 
 
