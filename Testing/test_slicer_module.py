@@ -372,7 +372,8 @@ def test_constraints_pin_slicers_packages():
         "SimpleITK==2.4.0\nnumpy==1.26.4\n"
 
 
-def test_find_demo(tmp_path):
+def test_find_demo(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRATS_ENSEMBLE_CACHE", str(tmp_path / "cache"))  # no demo model trained in this cache
     assert process.find_demo(tmp_path, environ={}) is None
     (tmp_path / "demo" / "case").mkdir(parents=True)
     (tmp_path / "demo" / "models").mkdir()
