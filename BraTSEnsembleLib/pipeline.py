@@ -108,12 +108,13 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
         del probabilities
         emit(ProgressEvent("member-done", case.case_id, (index + 1) / n * 0.95, f"model {index + 1}/{n} done"))
     check_cancel()
-    raw_labels = ensemble.fused_labels()  # argmax (label space) or nested p > 0.5 (region space)
+    fused = ensemble.probabilities()  # the weighted mean, computed once for the labels and the entropy
+    raw_labels = fused_labels(fused)  # argmax (label space) or nested p > 0.5 (region space)
     emit(ProgressEvent("postprocess", case.case_id, 0.96,
                        ", ".join(map(str, model_set.postprocess)) or "no postprocessing"))
     labels, records = apply_steps(raw_labels, model_set.postprocess)
     statistics = region_statistics(labels, case.reference.GetSpacing())
-    maps = {"disagreement": votes.disagreement(raw_labels), "entropy": normalised_entropy(ensemble.probabilities())}
+    maps = {"disagreement": votes.disagreement(raw_labels), "entropy": normalised_entropy(fused)}
     provenance = {
         **model_set.describe(),
         "postprocess_details": records,

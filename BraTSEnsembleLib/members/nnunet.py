@@ -296,7 +296,6 @@ class NnUNetMember:
         data = case.stacked(self.roles)
         if report:
             report(f"predicting ({len(self.folds)} fold{'s' if len(self.folds) > 1 else ''})")
-        predictor.network = predictor.network.to(device)
         _, probabilities = predictor.predict_single_npy_array(data, {"spacing": list(case.spacing_zyx)}, None, None,
                                                               True)
         array = np.ascontiguousarray(probabilities, dtype=np.float32)
