@@ -35,7 +35,7 @@ CHECKPOINT_CHOICES = ["final", "best"]
 SETTINGS_LAST_MODEL_DIR = "BraTSEnsemble/LastModelDirectory"
 # Imports the CLI needs; checked before the first run (module name → pip package name).
 REQUIRED_IMPORTS = {"torch": "torch", "nnunetv2": "nnunetv2", "cc3d": "connected-components-3d",
-                    "slicerio": "slicerio", "SimpleITK": "SimpleITK", "numpy": "numpy"}
+                    "slicerio": "slicerio", "SimpleITK": "SimpleITK", "numpy": "numpy", "monai": "monai"}
 
 
 def libraryParentDirectory():
@@ -97,6 +97,7 @@ class BraTSEnsembleParameterNode:
     modelPaths - ensemble members: model-set manifests (.json) or nnU-Net results folders.
     device, postprocess, mirroring, tileStep, folds, checkpoint - inference options.
     showDerivedRegions - also create TC and WT segments.
+    showUncertainty - also compute the uncertainty map and show it as a heat map over the input.
     outputSegmentation, outputTable - chosen outputs (None: create new nodes).
     """
 
@@ -112,6 +113,7 @@ class BraTSEnsembleParameterNode:
     folds: str = ""
     checkpoint: Annotated[str, Choice(CHECKPOINT_CHOICES)] = "final"
     showDerivedRegions: bool = False
+    showUncertainty: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     outputTable: vtkMRMLTableNode
 
@@ -128,6 +130,7 @@ class BraTSEnsembleParameterNode:
             "folds": self.folds.strip() or None,
             "checkpoint": self.checkpoint,
             "include_derived": self.showDerivedRegions,
+            "save_uncertainty": self.showUncertainty,
         }
 
 
@@ -166,6 +169,7 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resampleButton.connect("clicked(bool)", self.onResample)
         self.ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
         self.ui.addModelFileButton.connect("clicked(bool)", self.onAddModelFile)
+        self.ui.addRecipeButton.connect("clicked(bool)", self.onAddFromRecipe)
         self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModels)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
@@ -344,6 +348,36 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.mainWindow(), _("Choose a model-set manifest"), start, _("Model set (*.json)"))
         self._addModelPath(path)
 
+    def onAddFromRecipe(self) -> None:
+        """A published pipeline as a model set: pick the recipe, a folder per role, where to save the manifest."""
+        from BraTSEnsembleLib import recipes
+
+        window = slicer.util.mainWindow()
+        names = recipes.recipe_names()
+        titles = [f"{name}: {recipes.load_recipe(name).get('title', '')}" for name in names]
+        choice = qt.QInputDialog.getItem(window, _("Model set from a recipe"), _("Recipe:"), titles, 0, False)
+        if not choice:
+            return
+        name = names[titles.index(choice)]
+        start = qt.QSettings().value(SETTINGS_LAST_MODEL_DIR, "")
+        models = []
+        for member in recipes.load_recipe(name)["members"]:
+            folder = qt.QFileDialog.getExistingDirectory(
+                window, _("{recipe}: model folder for '{role}' ({description})").format(
+                    recipe=name, role=member["role"], description=member.get("description", "")), start)
+            if not folder:
+                return
+            models.append((member["role"], folder))
+            start = os.path.dirname(folder.rstrip("/\\"))
+        target = qt.QFileDialog.getSaveFileName(window, _("Save the model set"),
+                                                os.path.join(start, f"{name}-set.json"), _("Model set (*.json)"))
+        if not target:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The model set could not be written.")):
+            # the save dialog has already asked before replacing an existing file
+            path = recipes.write_recipe_manifest(name, models, target, overwrite=True)
+            self._addModelPath(str(path))
+
     def onRemoveModels(self) -> None:
         selected = {item.text() for item in self.ui.modelsListWidget.selectedItems()}
         if selected:
@@ -408,7 +442,8 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     run, outputSegmentation=pn.outputSegmentation, outputTable=pn.outputTable)
                 self.ui.statusLabel.text = _("Done in {seconds:.0f} s: {name}").format(
                     seconds=run.elapsedSeconds(), name=segmentationNode.GetName())
-                self.logic.showResults(segmentationNode, tableNode, pn.t1c)
+                self.logic.showResults(segmentationNode, tableNode, pn.t1c, run.uncertaintyNode,
+                                       run.uncertaintyOpacity)
         except Exception as exc:
             self.ui.statusLabel.text = _("Failed: {error}").format(error=str(exc).splitlines()[0] if str(exc) else "")
             logging.exception("BraTSEnsemble: segmentation failed")
@@ -425,7 +460,7 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class SegmentationRun:
     """A started run: its process, temporary folder and what is needed to import the result."""
 
-    def __init__(self, process, tempDir, caseId, reference, includeDerived):
+    def __init__(self, process, tempDir, caseId, reference, includeDerived, saveUncertainty=False):
         import time
 
         self.process = process
@@ -433,6 +468,9 @@ class SegmentationRun:
         self.caseId = caseId
         self.reference = reference
         self.includeDerived = includeDerived
+        self.saveUncertainty = saveUncertainty
+        self.uncertaintyNode = None  # the heat-map volume, once finishSegmentation has loaded it
+        self.uncertaintyOpacity = None
         self._started = time.monotonic()
 
     def elapsedSeconds(self):
@@ -619,7 +657,8 @@ class BraTSEnsembleLogic(ScriptedLoadableModuleLogic):
     # --- running
 
     def startSegmentation(self, volumesByRole, modelSet, device="auto", postprocess=None, folds=None,
-                          checkpoint=None, mirroring=True, tile_step=None, include_derived=False, weights=None):
+                          checkpoint=None, mirroring=True, tile_step=None, include_derived=False, weights=None,
+                          save_uncertainty=False):
         """Export the volumes to a temporary case folder and start ``brats-ensemble predict`` (non-blocking).
 
         Returns a :class:`SegmentationRun`; poll ``run.process`` and call :meth:`finishSegmentation`.
@@ -647,14 +686,14 @@ class BraTSEnsembleLogic(ScriptedLoadableModuleLogic):
             args = process.build_predict_command(
                 caseDir, outDir, models, python=process.python_executable(), weights=weights, device=device,
                 postprocess=postprocess, folds=folds, checkpoint=checkpoint, mirroring=mirroring,
-                tile_step=tile_step, overwrite=True, progress=True)
+                tile_step=tile_step, overwrite=True, progress=True, save_uncertainty=save_uncertainty)
             env = process.cli_environment(slicer.util.startupEnvironment(), libraryParentDirectory())
             logging.info("BraTSEnsemble: running %s", " ".join(args))
             cliProcess = process.CliProcess(args, env=env, cwd=libraryParentDirectory())
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
-        return SegmentationRun(cliProcess, tempDir, caseId, volumesByRole["t1c"], include_derived)
+        return SegmentationRun(cliProcess, tempDir, caseId, volumesByRole["t1c"], include_derived, save_uncertainty)
 
     def cancelSegmentation(self, run):
         """Kill the process tree and delete the temporary files; the scene is not touched."""
@@ -673,7 +712,8 @@ class BraTSEnsembleLogic(ScriptedLoadableModuleLogic):
             run.process.poll()
             if not run.process.succeeded:
                 raise RuntimeError(run.process.failure_message())
-            outputs = process.finalize_case_outputs(run.outputDir, run.caseId, include_derived=run.includeDerived)
+            outputs = process.finalize_case_outputs(run.outputDir, run.caseId, include_derived=run.includeDerived,
+                                                    uncertainty=run.saveUncertainty)
             with open(outputs["json"], encoding="utf-8") as handle:
                 statistics = json.load(handle)
             segmentationNode = self._importSegmentation(str(outputs["segmentation"]), run.caseId, run.reference,
@@ -682,9 +722,30 @@ class BraTSEnsembleLogic(ScriptedLoadableModuleLogic):
                                         outputTable)
             segmentationNode.SetAttribute("BraTSEnsemble.Provenance", json.dumps(
                 {k: statistics.get(k) for k in ("models", "postprocess", "device")}))
+            if run.saveUncertainty:
+                display = segmentation.uncertainty_heat_map(run.caseId)
+                run.uncertaintyNode = self._importUncertainty(str(outputs["uncertainty"]), display, run.reference)
+                run.uncertaintyOpacity = display.foreground_opacity
+                segmentationNode.SetNodeReferenceID("BraTSEnsemble.Uncertainty", run.uncertaintyNode.GetID())
             return segmentationNode, tableNode
         finally:
             shutil.rmtree(run.tempDir, ignore_errors=True)
+
+    def _importUncertainty(self, path, display, reference):
+        """Load an uncertainty map as a scalar volume shown as a heat map: the display's colour table and a fixed
+        window (0..1), placed beside the reference volume."""
+        node = slicer.util.loadVolume(path, {"name": slicer.mrmlScene.GenerateUniqueName(display.name),
+                                             "show": False})
+        if node is None:
+            raise RuntimeError(f"Slicer could not load the uncertainty map {path}")
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+        displayNode = node.GetDisplayNode()
+        displayNode.SetAndObserveColorNodeID(display.color_node_id)
+        displayNode.AutoWindowLevelOff()
+        displayNode.SetWindowLevelMinMax(display.window_min, display.window_max)
+        self._placeBeside(node, reference)
+        return node
 
     def _placeBeside(self, node, reference):
         """Put a node in the subject hierarchy beside the reference volume (same patient/study)."""
@@ -736,9 +797,14 @@ class BraTSEnsembleLogic(ScriptedLoadableModuleLogic):
         self._placeBeside(node, reference)
         return node
 
-    def showResults(self, segmentationNode, tableNode, reference):
-        """Show the segmentation over the T1c volume in 2D and 3D and the table in the layout."""
-        slicer.util.setSliceViewerLayers(background=reference, fit=False)
+    def showResults(self, segmentationNode, tableNode, reference, uncertaintyNode=None, uncertaintyOpacity=0.5):
+        """Show the segmentation over the T1c volume in 2D and 3D and the table in the layout; the uncertainty heat
+        map, when there is one, as the foreground layer over the T1c volume."""
+        if uncertaintyNode is not None:
+            slicer.util.setSliceViewerLayers(background=reference, foreground=uncertaintyNode,
+                                             foregroundOpacity=uncertaintyOpacity, fit=False)
+        else:
+            slicer.util.setSliceViewerLayers(background=reference, fit=False)
         displayNode = segmentationNode.GetDisplayNode()
         displayNode.SetVisibility(True)
         displayNode.SetVisibility3D(True)
@@ -751,7 +817,9 @@ class BraTSEnsembleLogic(ScriptedLoadableModuleLogic):
 
         ``volumes_by_role``: {'t1n': node, 't1c': node, 't2w': node, 't2f': node}. ``model_set``: manifest path,
         results folder, or a list of them. Options: postprocess, folds, checkpoint, mirroring, tile_step,
-        include_derived, weights, outputSegmentation, outputTable.
+        include_derived, weights, save_uncertainty, outputSegmentation, outputTable. With save_uncertainty=True the
+        uncertainty heat-map volume is referenced from the segmentation node (node reference role
+        'BraTSEnsemble.Uncertainty').
         """
         outputSegmentation = options.pop("outputSegmentation", None)
         outputTable = options.pop("outputTable", None)

@@ -6,6 +6,8 @@ nnU-Net's ``SimpleITKIO`` reads them, so that a member wrapping nnU-Net sees the
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
 import json
 import os
 import re
@@ -80,6 +82,12 @@ class Case:
     def source(self, role: str) -> str:
         """Where the image of ``role`` came from (file path or node name), for messages."""
         return self.sources.get(role, f"{self.case_id}:{role}")
+
+    @property
+    def description(self) -> str:
+        """'case <id>', with its folder when all its images came from files in one folder (for messages)."""
+        folders = {str(Path(s).parent) for s in self.sources.values() if Path(s).is_file()}
+        return f"case {self.case_id}" + (f" ({folders.pop()})" if len(folders) == 1 else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,6 +213,26 @@ def check_same_grid(images: Mapping[str, sitk.Image], sources: Mapping[str, str]
             )
 
 
+def check_distinct_volumes(images: Mapping[str, sitk.Image], sources: Mapping[str, str]) -> None:
+    """Raise InputError when two roles hold identical voxels: one volume given (or copied) for two sequences.
+
+    Different MRI sequences never have identical voxels; a model fed one volume twice would still return labels,
+    just wrong ones, so this is refused rather than segmented.
+    """
+    seen: dict[tuple[str, tuple[int, ...], bytes], str] = {}
+    for role, image in images.items():
+        array = np.ascontiguousarray(sitk.GetArrayViewFromImage(image))
+        key = (str(array.dtype), array.shape, hashlib.sha256(array.data).digest())
+        if key in seen:
+            first = seen[key]
+            raise InputError(
+                f"{sources.get(first, first)} ({first}) and {sources.get(role, role)} ({role}) hold identical voxels: "
+                "the same volume was given for two sequences. Give each sequence its own image file (check the "
+                "file names or the volumes chosen for each sequence)."
+            )
+        seen[key] = role
+
+
 def case_from_images(case_id: str, images: Mapping[str, sitk.Image], sources: Mapping[str, str] | None = None) -> Case:
     """Validate in-memory images by role (from Slicer nodes or arrays) and build a Case."""
     sources = dict(sources or {})
@@ -213,19 +241,27 @@ def case_from_images(case_id: str, images: Mapping[str, sitk.Image], sources: Ma
     for role, image in images.items():
         validate_image(image, f"{sources.get(role, role)} ({role})")
     check_same_grid(images, sources)
+    check_distinct_volumes(images, sources)
     return Case(case_id, dict(images), {r: sources.get(r, r) for r in images})
 
 
 def case_from_files(case_id: str, files: Mapping[str, str | Path]) -> Case:
-    """Read and validate one file per role."""
-    seen: dict[Path, str] = {}
+    """Read and validate one file per role. One file given for two roles (the same path, a symbolic or a hard link
+    to it) is refused before anything is read."""
+    seen: dict[tuple[int, int], tuple[str, str | Path]] = {}
     for role, path in files.items():
-        resolved = Path(path).resolve()
-        if resolved in seen:
+        try:
+            status = Path(path).stat()  # follows symbolic links; (device, inode) also catches hard links
+        except OSError:
+            continue  # read_image names a missing or unreadable file
+        identity = (status.st_dev, status.st_ino)
+        if identity in seen:
+            first_role, first_path = seen[identity]
             raise InputError(
-                f"{path}: given for both {seen[resolved]} and {role}; each sequence needs its own file."
+                f"{path} ({role}) and {first_path} ({first_role}) are one file (the same path or a link to it): "
+                f"it is given for both {first_role} and {role}. Each sequence needs its own file."
             )
-        seen[resolved] = role
+        seen[identity] = (role, path)
     images = {role: read_image(path) for role, path in files.items()}
     return case_from_images(case_id, images, {role: str(path) for role, path in files.items()})
 
@@ -328,55 +364,205 @@ def read_case_folder(folder: str | Path, channel_names: Mapping[str, str] | None
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing: every file is written to a temporary name in the target folder and renamed when complete, so that an
-# interrupted run never leaves a file that looks finished.
+# interrupted or failed run never leaves a file that looks finished, nor a temporary file. Files that belong
+# together (a case's label map, uncertainty maps and statistics JSON) are staged together and renamed in one go.
+
+#: What a user can do when a write fails for lack of space (ENOSPC, a quota, a file-size limit).
+NO_SPACE_FIX = "Free space on that disk (or raise the quota / file-size limit), or choose another output folder."
+NOT_WRITABLE_FIX = "Choose an output folder you can write to."
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+_PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+class IncompleteWrite(OSError):
+    """A written file that reads back incomplete (ITK's writers do not report a failed write)."""
+
+
+def write_failure(path: Path, exc: BaseException) -> OutputError:
+    """An OutputError for a failed write of ``path``: the path, the system's reason, and the fix that fits it."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        fix = NOT_WRITABLE_FIX if exc.errno in _PERMISSION_ERRNOS else NO_SPACE_FIX
+        if exc.errno in _NO_SPACE_ERRNOS or isinstance(exc, IncompleteWrite):
+            reason += ": the disk is full or a quota / file-size limit was reached"
+    else:  # ITK reports failed writes as RuntimeError, without an errno
+        lines = str(exc).strip().splitlines()
+        reason = lines[-1].strip() if lines else type(exc).__name__
+        fix = NO_SPACE_FIX
+    return OutputError(f"{path}: could not be written ({reason}). Nothing was written under that name. {fix}")
+
+
+def check_output_folder(folder: str | Path) -> None:
+    """Refuse, before any work is done, an output folder that cannot be created or written to.
+
+    Nothing is created: the nearest existing folder on the way must be a writable folder.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{existing}: is a file, so the output folder {folder} cannot be created there. Choose "
+                          "another output folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == folder else f", so the output folder {folder} cannot be created in it"
+        raise OutputError(f"{existing}: not writable{where}. {NOT_WRITABLE_FIX}")
+
+
+def _prepare_folder(folder: Path) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{path.parent}: cannot be created ({exc.strerror or exc}). Choose another output "
+        raise OutputError(f"{folder}: cannot be created ({exc.strerror or exc}). Choose another output "
                           "folder.") from exc
-    if not os.access(path.parent, os.W_OK):
-        raise OutputError(f"{path.parent}: not writable. Choose an output folder you can write to.")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + "".join(path.suffixes), dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{folder}: not writable. {NOT_WRITABLE_FIX}")
+
+
+def _default_file_mode() -> int:
+    """0o666 less the process umask: the mode ``open()`` would give a new file (``mkstemp`` gives 0o600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+Writer = Callable[[Path], None]
+
+
+class StagedFiles:
+    """Files written under temporary names beside their final names and renamed into place by :meth:`commit`.
+
+    Use it as a context manager: leaving the block without ``commit()`` (an error, a cancel, Ctrl-C) deletes every
+    temporary file, and no final name has been touched. ``commit()`` renames in the order the files were staged, so
+    the file staged last (a statistics JSON) appears last.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []  # (temporary file, final path)
+
+    def __enter__(self) -> "StagedFiles":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.discard()
+
+    def stage(self, path: str | Path, write: Writer, verify: Writer | None = None) -> Path:
+        """Write ``path``'s content to a temporary file with ``write(tmp)``, then check it with ``verify(tmp)``.
+
+        Raises OutputError naming ``path`` and the fix when the folder cannot be used or the write fails (disk full,
+        file-size limit, permissions); the temporary file is deleted then.
+        """
+        path = Path(path)
+        _prepare_folder(path.parent)
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + "".join(path.suffixes),
+                                            dir=path.parent)
+            os.close(fd)
+        except OSError as exc:
+            raise write_failure(path, exc) from exc
+        tmp = Path(tmp_name)
+        self._pending.append((tmp, path))
+        try:
+            write(tmp)
+            if verify is not None:
+                verify(tmp)
+        except (OSError, RuntimeError) as exc:
+            self._remove(tmp)
+            raise write_failure(path, exc) from exc
+        return path
+
+    def commit(self) -> list[Path]:
+        """Rename every staged file to its final name; if one rename fails, the files renamed before it are removed
+        again (so no set is left half-replaced) and an OutputError is raised."""
+        done: list[Path] = []
+        mode = _default_file_mode()
+        try:
+            for tmp, path in self._pending:
+                os.chmod(tmp, mode)
+                os.replace(tmp, path)
+                done.append(path)
+        except OSError as exc:
+            for path in done:
+                self._remove(path)
+            raise write_failure(path, exc) from exc
+        finally:
+            self.discard()
+        return done
+
+    def discard(self) -> None:
+        """Delete the temporary files not renamed yet."""
+        for tmp, _ in self._pending:
+            self._remove(tmp)
+        self._pending.clear()
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _atomic_write(path: Path, write: Writer, verify: Writer | None = None) -> None:
+    """Write one file under a temporary name and rename it when complete (see :class:`StagedFiles`)."""
+    with StagedFiles() as staged:
+        staged.stage(path, write, verify)
+        staged.commit()
+
+
+def _stage_or_write(path: Path, write: Writer, verify: Writer | None, staged: StagedFiles | None) -> Path:
+    if staged is None:
+        _atomic_write(path, write, verify)
+    else:
+        staged.stage(path, write, verify)
+    return path
+
+
+def _verify_image_file(tmp: Path, image: sitk.Image) -> None:
+    """Read a just-written image back completely: ITK's writers do not report a failed write (a full disk, a
+    file-size limit) but leave a truncated file, which ITK's reader would even read back with zeros in place of the
+    missing voxels. Raises IncompleteWrite when the file is incomplete or differs from ``image``."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: could not be written ({exc.strerror or exc}). Check free space and permissions.") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        if tmp.name.lower().endswith((".nii", ".nii.gz")):
+            import nibabel
+
+            voxels = np.asarray(nibabel.load(str(tmp)).dataobj)
+            complete = tuple(voxels.shape) == tuple(image.GetSize())
+        else:
+            written = sitk.ReadImage(str(tmp))
+            complete = np.array_equal(sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image))
+    except Exception as exc:  # nibabel: EOFError, zlib errors …; ITK: RuntimeError
+        raise IncompleteWrite(errno.EIO, f"the file came out incomplete ({type(exc).__name__})") from exc
+    if not complete:
+        raise IncompleteWrite(errno.EIO, "the file came out incomplete")
 
 
-def write_array_image(array: np.ndarray, dtype: type, reference: sitk.Image, path: str | Path) -> Path:
-    """Write a (z, y, x) array as ``dtype`` on the reference image's geometry, atomically, compressed."""
-    path = Path(path)
+def write_array_image(array: np.ndarray, dtype: type, reference: sitk.Image, path: str | Path,
+                      staged: StagedFiles | None = None) -> Path:
+    """Write a (z, y, x) array as ``dtype`` on the reference image's geometry, compressed, and check it by reading
+    it back; atomically, or as part of ``staged`` (renamed into place by its ``commit()``)."""
     image = sitk.GetImageFromArray(array.astype(dtype, copy=False))
     image.CopyInformation(reference)
-    _atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
-    return path
+    return _stage_or_write(Path(path), lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True),
+                           lambda tmp: _verify_image_file(tmp, image), staged)
 
 
-def write_label_map(labels: np.ndarray, reference: sitk.Image, path: str | Path) -> Path:
+def write_label_map(labels: np.ndarray, reference: sitk.Image, path: str | Path,
+                    staged: StagedFiles | None = None) -> Path:
     """Write a (z, y, x) label array as uint8 on the reference image's geometry."""
-    return write_array_image(labels, np.uint8, reference, path)
+    return write_array_image(labels, np.uint8, reference, path, staged)
 
 
-def write_scalar_map(values: np.ndarray, reference: sitk.Image, path: str | Path) -> Path:
+def write_scalar_map(values: np.ndarray, reference: sitk.Image, path: str | Path,
+                     staged: StagedFiles | None = None) -> Path:
     """Write a (z, y, x) float map (uncertainty, probability) as float32 on the reference image's geometry."""
-    return write_array_image(values, np.float32, reference, path)
+    return write_array_image(values, np.float32, reference, path, staged)
 
 
-def write_json(data: Any, path: str | Path) -> Path:
-    """Write JSON (indented, UTF-8) atomically."""
-    path = Path(path)
+def write_json(data: Any, path: str | Path, staged: StagedFiles | None = None) -> Path:
+    """Write JSON (indented, UTF-8), atomically or as part of ``staged``."""
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return path
+    return _stage_or_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), None, staged)
 
 
 def write_csv(rows: Iterable[Mapping[str, Any]], path: str | Path, columns: Sequence[str]) -> Path:

@@ -15,13 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from .case import discover_case_files, read_case_folder, write_csv
+from .case import check_output_folder, discover_case_files, read_case_folder, write_csv
 from .downloads import register_models_command, run_models_command
 from .errors import BraTSEnsembleError, Cancelled, InputError, ModelError
+from .ensemble import LABEL_RULES
 from .modelset import ModelSet, load_model_set, nnunet_model_set
 from .pipeline import (ProgressEvent, check_outputs_free, output_paths, resolve_device, segment_case,
                        write_result)
 from .postprocess import RULE_NAMES
+from .recipes import (Overrides, describe_recipe, fill_recipe, load_recipe, parse_role_paths, recipe_model_set,
+                      recipe_names, recipe_roles)
 from .stats import cohort_columns, cohort_rows
 
 
@@ -29,10 +32,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
     choice = group.add_mutually_exclusive_group(required=True)
     choice.add_argument("--model", "-m", action="append", metavar="PATH",
-                        help="nnU-Net v2 results folder (Trainer__Plans__configuration); repeat for an ensemble")
+                        help="nnU-Net v2 results folder (Trainer__Plans__configuration); repeat for an ensemble; "
+                             "with --recipe: ROLE=PATH for each of the recipe's roles")
     choice.add_argument("--model-set", metavar="FILE", type=Path,
                         help="model-set manifest (JSON): members of any framework with their folds, options, "
                              "weights and class weights, and the postprocessing (instead of --model)")
+    group.add_argument("--recipe", metavar="NAME",
+                       help="a published pipeline (`brats-ensemble recipes list`): its members, fusion, label rule "
+                            "and postprocessing, with --model ROLE=PATH for each role")
     group.add_argument("--weight", "-w", action="append", type=float, metavar="W",
                        help="weight of each --model in the fused probabilities (default: equal)")
     group.add_argument("--folds", "-f", nargs="+", metavar="FOLD",
@@ -40,12 +47,19 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint", default="final", metavar="final|best|FILE",
                        help="checkpoint in each fold folder (default: final = checkpoint_final.pth)")
     group.add_argument("--no-mirroring", action="store_true", help="disable test-time mirroring (faster)")
+    group.add_argument("--mirroring", choices=("on", "off"),
+                       help="test-time mirroring on or off for every member (with --recipe: overrides the recipe)")
+    group.add_argument("--labels", choices=LABEL_RULES,
+                       help="how fused probabilities become labels: argmax (nnU-Net) or sequential-threshold (for "
+                            "each channel in label order, its label where p > 0.5). Default: the recipe's, else "
+                            "argmax (p > 0.5 per region when a member is region-based)")
     group.add_argument("--tile-step", type=float, default=0.5, metavar="S",
                        help="sliding-window step as a fraction of the patch (default 0.5, as nnU-Net)")
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    group.add_argument("--postprocess", default="ratio-adaptive", metavar="RULE[,RULE]",
+    group.add_argument("--postprocess", metavar="RULE[,RULE]",
                        help=f"postprocessing: {', '.join(RULE_NAMES)}; min-size:N and et-to-netc:N take a "
-                            "voxel threshold; several may be chained with commas (default: ratio-adaptive)")
+                            "voxel threshold, region-min-size:WT/TC/ET three; several may be chained with commas "
+                            "(default: the recipe's, else ratio-adaptive)")
     group.add_argument("--channel-names", metavar="ROLE,ROLE…",
                        help="roles of nnU-Net-numbered files _0000, _0001 … (e.g. t1n,t1c,t2w,t2f) when no "
                             "dataset.json lies beside them (default: the first model's channel names)")
@@ -80,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", choices=("canonical", "brats2021"), default="canonical",
                           help="label convention of both folders: BraTS 2023+ (default) or 2020/21 (4 = ET)")
     register_models_command(sub)
-    sub.add_parser("demo", help="train a small demo model on phantoms (once) and segment a phantom case",
+    recipes = sub.add_parser("recipes", help="the published BraTS pipelines shipped as recipes")
+    recipes_sub = recipes.add_subparsers(dest="recipes_command", required=True)
+    recipes_sub.add_parser("list", help="name, title and roles of every recipe")
+    show = recipes_sub.add_parser("show", help="a recipe's members and rules; with --model ROLE=PATH for every "
+                                              "role: the complete manifest (JSON) to edit and use with --model-set")
+    show.add_argument("name", metavar="NAME")
+    show.add_argument("--model", "-m", action="append", default=[], metavar="ROLE=PATH")
+    sub.add_parser("demo", help="segment the shipped phantom case with the shipped demo model set (no training)",
                    add_help=False)
     return parser
 
@@ -127,11 +148,32 @@ class ProgressPrinter:
 _MANIFEST_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "weight": ("--weight", None, "weight"), "folds": ("--folds", None, "folds"),
     "checkpoint": ("--checkpoint", "final", "checkpoint"), "no_mirroring": ("--no-mirroring", False, "mirroring"),
-    "tile_step": ("--tile-step", 0.5, "tile_step"), "postprocess": ("--postprocess", "ratio-adaptive", "postprocess"),
+    "tile_step": ("--tile-step", 0.5, "tile_step"), "postprocess": ("--postprocess", None, "postprocess"),
+    "mirroring": ("--mirroring", None, "mirroring"), "labels": ("--labels", None, "labels"),
 }
+#: Of those, the ones that a recipe leaves to the user (the rest come with the recipe's members).
+_RECIPE_OVERRIDES = ("postprocess", "mirroring", "no_mirroring", "labels")
+DEFAULT_POSTPROCESS = "ratio-adaptive"
+
+
+def _recipe_model_set(args: argparse.Namespace) -> ModelSet:
+    fixed = [(option, dest) for dest, (option, default, _) in _MANIFEST_OPTIONS.items()
+             if dest not in _RECIPE_OVERRIDES and getattr(args, dest, default) != default]
+    if args.model_set is not None or fixed:
+        given = ["--model-set"] if args.model_set is not None else [o for o, _ in fixed]
+        raise ModelError(f"--recipe {args.recipe}: {', '.join(given)} cannot be combined with a recipe (it fixes "
+                         "the members and their options). Only --labels, --postprocess and --mirroring override "
+                         "it; for anything else write a manifest with `brats-ensemble recipes show "
+                         f"{args.recipe} --model ROLE=PATH …` and use --model-set.")
+    mirroring = False if args.no_mirroring else None if args.mirroring is None else args.mirroring == "on"
+    overrides = Overrides(labels=args.labels, postprocess=args.postprocess, mirroring=mirroring)
+    return recipe_model_set(args.recipe, parse_role_paths(args.model, args.recipe), overrides,
+                            trusted_checkpoints=args.trust_checkpoint)
 
 
 def _model_set(args: argparse.Namespace) -> ModelSet:
+    if getattr(args, "recipe", None) is not None:
+        return _recipe_model_set(args)
     if getattr(args, "model_set", None) is not None:
         given = [(option, key) for dest, (option, default, key) in _MANIFEST_OPTIONS.items()
                  if getattr(args, dest, default) != default]
@@ -144,8 +186,9 @@ def _model_set(args: argparse.Namespace) -> ModelSet:
         raise ModelError(f"{manifests[0]}: is a file, not a model folder; pass a model-set manifest with "
                          "--model-set FILE instead of --model.")
     return nnunet_model_set(args.model, weights=args.weight, folds=args.folds, checkpoint=args.checkpoint,
-                            use_mirroring=not args.no_mirroring, tile_step_size=args.tile_step,
-                            postprocess=args.postprocess, trusted_checkpoints=args.trust_checkpoint)
+                            use_mirroring=not args.no_mirroring and args.mirroring != "off",
+                            tile_step_size=args.tile_step, postprocess=args.postprocess or DEFAULT_POSTPROCESS,
+                            trusted_checkpoints=args.trust_checkpoint, label_rule=args.labels)
 
 
 def _channel_names(args: argparse.Namespace, model_set: ModelSet) -> tuple[dict | None, dict | None]:
@@ -169,6 +212,7 @@ def run_case(case_dir: Path, out_dir: Path, model_set: ModelSet, device: Any, ar
 
 
 def cmd_predict(args: argparse.Namespace, progress: ProgressPrinter) -> int:
+    check_output_folder(args.output)  # before any model is loaded or any case read
     model_set = _model_set(args)
     device = resolve_device(args.device)
     paths = run_case(args.case_dir, args.output, model_set, device, args, progress)
@@ -205,6 +249,7 @@ def write_cohort_csv(out_dir: Path) -> Path | None:
 
 def cmd_batch(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     folders = find_case_folders(args.cohort_dir)
+    check_output_folder(args.output)
     model_set = _model_set(args)
     device = resolve_device(args.device)
     failures: list[str] = []
@@ -253,6 +298,26 @@ def cmd_evaluate(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     return 0
 
 
+def run_recipes_command(args: argparse.Namespace) -> int:
+    """`recipes list` and `recipes show NAME [--model ROLE=PATH …]` (output on stdout, errors exit 1)."""
+    try:
+        if args.recipes_command == "list":
+            for name in recipe_names():
+                recipe = load_recipe(name)
+                print(f"{name:16} {recipe.get('title', '')}\n{'':16} roles: {', '.join(recipe_roles(recipe))}")
+            return 0
+        recipe = load_recipe(args.name)
+        if not args.model:
+            print(describe_recipe(recipe))
+            return 0
+        manifest = fill_recipe(recipe, parse_role_paths(args.model, args.name))
+        print(json.dumps({"description": recipe.get("description", ""), **manifest}, indent=2))
+        return 0
+    except BraTSEnsembleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def _stop_on_terminate(signum: int, frame: Any) -> None:
     """SIGTERM (a cancel from the Slicer module or a scheduler) ends the run like Ctrl-C: nothing half-written stays."""
     raise KeyboardInterrupt
@@ -267,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "models":  # lists go to stdout, download bars to stderr
         return run_models_command(args)
+    if args.command == "recipes":
+        return run_recipes_command(args)
     stdout = sys.stdout
     total = len(find_case_folders(args.cohort_dir)) if args.command == "batch" and args.cohort_dir.is_dir() else 1
     progress = ProgressPrinter(getattr(args, "progress", "none"), stdout, sys.stderr, total)
@@ -282,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BraTSEnsembleError as exc:
         progress.close()
-        if args.progress == "json":
+        if getattr(args, "progress", "none") == "json":  # evaluate has no --progress
             progress(ProgressEvent("error", "", 1.0, str(exc)))
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -292,6 +292,46 @@ def region_labels(probabilities: Probabilities, threshold: float = 0.5) -> np.nd
     return labels
 
 
-def fused_labels(probabilities: Probabilities) -> np.ndarray:
-    """Labels of fused probabilities: argmax in label space, nested thresholds (p > 0.5) in region space."""
-    return region_labels(probabilities) if probabilities.is_regions else argmax_labels(probabilities)
+#: How fused probabilities become labels (``--labels``, the manifest's ``"labels"``).
+ARGMAX = "argmax"
+SEQUENTIAL_THRESHOLD = "sequential-threshold"
+LABEL_RULES: tuple[str, ...] = (ARGMAX, SEQUENTIAL_THRESHOLD)
+
+
+def sequential_threshold_labels(probabilities: Probabilities, threshold: float = 0.5) -> np.ndarray:
+    """Labels by thresholds applied channel after channel: start from 0; for each channel in order, write its label
+    where p > ``threshold``, later channels overwriting earlier ones.
+
+    In label space the channels are taken in ascending canonical label order (background, NETC, SNFH, ET, RC):
+    the BraTS 2025 GoAT 1st-place rule (its inference code loops over the four softmax channels 0…3 and writes i
+    where p > 0.5). It differs from argmax where no channel exceeds 0.5 (the voxel stays 0, not the most probable
+    class) and, when class weights make the channels sum to more than 1, where two channels exceed 0.5 (the higher
+    label wins). In region space it is nnU-Net's region rule (:func:`region_labels`).
+    """
+    if probabilities.is_regions:
+        return region_labels(probabilities, threshold)
+    labels = np.zeros(probabilities.grid_shape, dtype=np.uint8)
+    for index, label in enumerate(probabilities.labels):
+        labels[probabilities.array[index] > threshold] = label
+    return labels
+
+
+def default_label_rule(probabilities: Probabilities) -> str:
+    """argmax in label space (nnU-Net's export), sequential thresholds in region space (nnU-Net's region rule)."""
+    return SEQUENTIAL_THRESHOLD if probabilities.is_regions else ARGMAX
+
+
+def fused_labels(probabilities: Probabilities, rule: str | None = None) -> np.ndarray:
+    """Labels of fused probabilities by ``rule`` (one of LABEL_RULES; None: :func:`default_label_rule`).
+
+    Region probabilities have no argmax: asking for it raises ValueError.
+    """
+    rule = rule or default_label_rule(probabilities)
+    if rule == SEQUENTIAL_THRESHOLD:
+        return sequential_threshold_labels(probabilities)
+    if rule == ARGMAX:
+        if probabilities.is_regions:
+            raise ValueError("labels by argmax need label-space probabilities, but a member is region-based (the "
+                             "fusion is in WT/TC/ET region space); use the sequential-threshold rule")
+        return argmax_labels(probabilities)
+    raise ValueError(f"unknown label rule {rule!r}; choose from {', '.join(LABEL_RULES)}")

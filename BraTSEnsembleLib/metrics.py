@@ -134,7 +134,9 @@ def check_label_values(array: np.ndarray, protocol: str, task: str = "GLI", name
     if bad:
         shown = [int(v) if float(v).is_integer() else v for v in bad]
         raise ValueError(f"{name}: label values {shown} are not valid for protocol {protocol!r} "
-                         f"(allowed: {list(allowed)})")
+                         f"(allowed: {list(allowed)}). Give a BraTS label map of whole-number labels: one in the "
+                         "BraTS 2020/21 convention (4 = ET) needs --labels brats2021; other values mean the file is "
+                         "not a BraTS label map (a probability or intensity image?), so export the labels again.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -687,7 +689,9 @@ def _case_id(name: str) -> str:
 def _read_labels(path: Path, convention: str, protocol: str, task: str):
     import SimpleITK as sitk
 
-    image = sitk.ReadImage(str(path))
+    from .case import read_image
+
+    image = read_image(path)  # refuses truncated NIfTI files, which ITK's reader silently fills with zeros
     array = sitk.GetArrayFromImage(image)
     if convention == "brats2021":
         try:

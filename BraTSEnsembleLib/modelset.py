@@ -11,6 +11,9 @@ Manifest format (every key; anything else is refused)::
     {"name": "my-ensemble",                 # optional; default: the file name without .json
      "description": "…",                    # optional, free text
      "postprocess": "ratio-adaptive",       # optional; a rule string or a list of rules; default ratio-adaptive
+     "labels": "sequential-threshold",      # optional; argmax | sequential-threshold (default: argmax for
+                                            #   label-based members, sequential thresholds when one is region-based)
+     "recipe": "goat2025",                  # optional; the recipe the set was made from (recorded only)
      "members": [                           # required, at least one
        {"name": "resenc-m",                 # optional; default: the folder name; unique within the set
         "framework": "nnunetv2",            # required: nnunetv2 | umamba | mednext
@@ -40,22 +43,31 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import BraTSEnsembleError, ModelError
-from .ensemble import fusion_space
+from .ensemble import ARGMAX, LABEL_RULES, SEQUENTIAL_THRESHOLD, fusion_space
 from .labels import LABEL_NAMES
-from .members.base import Member
+from .members.base import REGION_SPACE, Member
 from .members.nnunet import NnUNetMember
 from .postprocess import Step, parse_steps
 
 #: Class names accepted in ``class_weights`` / ``class_labels`` (canonical BraTS 2023+ labels).
 CLASS_NAMES: dict[str, int] = {name: label for label, name in LABEL_NAMES.items()}
-FRAMEWORKS: tuple[str, ...] = ("nnunetv2", "umamba", "mednext")
+FRAMEWORKS: tuple[str, ...] = ("nnunetv2", "umamba", "mednext", "torchscript", "monai")
 DEFAULT_POSTPROCESS = "ratio-adaptive"
 
-_TOP_KEYS = {"name", "description", "postprocess", "members"}
+_TOP_KEYS = {"name", "description", "postprocess", "labels", "recipe", "members"}
 _COMMON_MEMBER_KEYS = {"name", "framework", "path", "folds", "checkpoint", "mirroring", "tile_step", "weight",
                        "class_weights", "url", "sha256"}
 _MEDNEXT_KEYS = {"class_labels", "channel_roles", "size", "kernel_size"}
 _MEDNEXT_CHECKPOINTS = {"final": "model_final_checkpoint", "best": "model_best"}
+#: torchscript / monai members (one network file, see members/torchscript.py): no folds, checkpoint or tile_step;
+#: MONAI's sliding-window settings, the input roles and the meaning of the output channels instead.
+_SLIDING_WINDOW_KEYS = (_COMMON_MEMBER_KEYS - {"folds", "checkpoint", "tile_step"}) | {
+    "channel_roles", "activation", "class_labels", "regions", "roi_size", "overlap", "sw_batch_size", "mode",
+    "normalization", "target_spacing", "axis_order"}
+#: The keys a member of each framework may have.
+_MEMBER_KEYS: dict[str, set[str]] = {
+    "nnunetv2": _COMMON_MEMBER_KEYS, "umamba": _COMMON_MEMBER_KEYS, "mednext": _COMMON_MEMBER_KEYS | _MEDNEXT_KEYS,
+    "torchscript": _SLIDING_WINDOW_KEYS, "monai": _SLIDING_WINDOW_KEYS | {"network"}}
 _SHA256_RE = re.compile(r"^(sha256:)?[0-9a-fA-F]{64}$")
 
 
@@ -80,6 +92,11 @@ class ModelSet:
     member_sources: list[dict[str, Any]] | None = None
     #: SHA-256 of the manifest file as it was read
     manifest_sha256: str | None = None
+    #: how fused probabilities become labels (one of ensemble.LABEL_RULES); None: argmax in label space,
+    #: sequential thresholds in region space
+    label_rule: str | None = None
+    #: the recipe the set was made from: name, title, source, and the options the user overrode
+    recipe: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -100,6 +117,18 @@ class ModelSet:
                                      f"({', '.join(f'{k} {v}' for k, v in LABEL_NAMES.items())})")
                 if not value > 0:
                     raise ModelError(f"class weights must be positive numbers, got {factors}")
+        if self.label_rule is not None and self.label_rule not in LABEL_RULES:
+            raise ModelError(f"unknown label rule {self.label_rule!r}; choose from {', '.join(LABEL_RULES)}")
+        if self.label_rule == ARGMAX and fusion_space(self.members) == REGION_SPACE:
+            raise ModelError("labels by argmax need label-based members, but a member is region-based (WT/TC/ET "
+                             f"probabilities): use the {SEQUENTIAL_THRESHOLD} label rule (p > 0.5 per region)")
+
+    @property
+    def resolved_label_rule(self) -> str:
+        """The label rule that runs: the one set, else argmax (label space) or sequential thresholds (regions)."""
+        if self.label_rule is not None:
+            return self.label_rule
+        return SEQUENTIAL_THRESHOLD if fusion_space(self.members) == REGION_SPACE else ARGMAX
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -131,10 +160,13 @@ class ModelSet:
             if self.manifest_sha256:
                 model_set["manifest_sha256"] = self.manifest_sha256
             description["model_set"] = model_set
+        if self.recipe is not None:
+            description["recipe"] = self.recipe
         uniform = all(v == 1.0 for f in (self.class_weights or []) for v in (f or {}).values())
         description.update({
             "fusion": "weighted-mean" if uniform else "class-weighted-mean",
             "fusion_space": fusion_space(self.members),
+            "label_rule": self.resolved_label_rule,
             "members": members,
             "postprocess": [str(s) for s in self.postprocess],
         })
@@ -151,7 +183,7 @@ def _parse_postprocess(spec: str, context: str) -> list[Step]:
 def nnunet_model_set(paths: Sequence[str | Path], weights: Sequence[float] | None = None,
                      folds: Sequence[str] | None = None, checkpoint: str = "final", use_mirroring: bool = True,
                      tile_step_size: float = 0.5, postprocess: str = "none",
-                     trusted_checkpoints: Sequence[str | Path] = ()) -> ModelSet:
+                     trusted_checkpoints: Sequence[str | Path] = (), label_rule: str | None = None) -> ModelSet:
     """A model set of nnU-Net v2 results folders (the command line's ``--model`` options)."""
     trusted = {Path(p).resolve() for p in trusted_checkpoints}
     members: list[Member] = []
@@ -161,7 +193,7 @@ def nnunet_model_set(paths: Sequence[str | Path], weights: Sequence[float] | Non
         members.append(NnUNetMember(model_dir, folds=folds, checkpoint=checkpoint, use_mirroring=use_mirroring,
                                     tile_step_size=tile_step_size, trust_checkpoint=trust))
     steps = _parse_postprocess(postprocess, "")
-    return ModelSet(members, list(weights) if weights else [1.0] * len(members), steps)
+    return ModelSet(members, list(weights) if weights else [1.0] * len(members), steps, label_rule=label_rule)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,6 +331,13 @@ def _member_options(check: _Checker, raw: Mapping[str, Any], where: str) -> dict
     tile_step = check.number(raw.get("tile_step", 0.5), where, "tile_step", "Use a step in (0, 1], e.g. 0.5.")
     if tile_step > 1:
         raise check.fail(where, f"tile_step must be in (0, 1], got {tile_step:g}", "Use a step in (0, 1], e.g. 0.5.")
+    if framework in ("torchscript", "monai"):  # one network file; MONAI's sliding window (members/torchscript.py)
+        from .members.torchscript import manifest_options
+
+        labels = _class_labels(check, raw["class_labels"], where) if "class_labels" in raw else None
+        return {"name": raw.get("name"), "use_mirroring": raw.get("mirroring", False),  # bundles do not mirror
+                "origin": f"{check.manifest}: {where}",
+                **manifest_options(framework, raw, labels, lambda problem, fix: check.fail(where, problem, fix))}
     options: dict[str, Any] = {"folds": _folds(check, raw.get("folds"), where), "use_mirroring": mirroring,
                                "name": raw.get("name")}
     if framework in ("nnunetv2", "umamba"):
@@ -326,6 +365,11 @@ def _build_member(framework: str, path: Path, options: dict[str, Any], trusted: 
         member: Any = NnUNetMember(path, trust_checkpoint=trust, **options)
         member.framework = framework  # U-Mamba folders are nnU-Net v2 folders; record what the manifest says
         return member
+    if framework in ("torchscript", "monai"):
+        from .members.torchscript import build_member
+
+        trust = any(path == t or t in path.parents for t in trusted)  # --trust-checkpoint: the file or a folder
+        return build_member(framework, path, options, trust)
     from .members.mednext import MedNeXtMember
 
     return MedNeXtMember(path, **options)
@@ -341,8 +385,19 @@ def load_model_set(path: str | Path, cache_dir: Path | None = None, *,
     cannot grant that itself. Every problem raises ModelError naming the manifest, the member and the fix.
     """
     manifest = Path(path).expanduser().resolve()
-    check = _Checker(manifest)
     data, digest = _read_manifest(manifest)
+    return model_set_from_manifest(data, manifest, manifest.parent, cache_dir=cache_dir,
+                                   trusted_checkpoints=trusted_checkpoints, digest=digest)
+
+
+def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_dir: Path | None = None,
+                            trusted_checkpoints: Sequence[str | Path] = (), digest: str | None = None) -> ModelSet:
+    """Validate parsed manifest ``data`` and build its members (what :func:`load_model_set` does after reading).
+
+    ``manifest`` names the source in error messages and provenance; relative member paths are relative to
+    ``base_dir``. Recipes (:mod:`BraTSEnsembleLib.recipes`) come through here once their member paths are filled in.
+    """
+    check = _Checker(manifest)
     if not isinstance(data, dict):
         raise check.fail(None, "a model-set manifest must be a JSON object",
                          'Write {"name": …, "postprocess": …, "members": [{"framework": …, "path": …}]}.')
@@ -363,6 +418,15 @@ def load_model_set(path: str | Path, cache_dir: Path | None = None, *,
         raise check.fail(None, f"postprocess must be a rule string or a list of them, got {json.dumps(postprocess)}",
                          'Write e.g. "postprocess": "ratio-adaptive" or ["min-size:50", "et-to-netc:500"].')
     steps = _parse_postprocess(postprocess, f"{manifest}: postprocess: ")
+    recipe = data.get("recipe")
+    if recipe is not None and (not isinstance(recipe, str) or not recipe.strip()):
+        raise check.fail(None, f"recipe must be the name of the recipe the set was made from, got "
+                         f"{json.dumps(recipe)}", "Remove the key or give the recipe's name.")
+    label_rule = data.get("labels")
+    if label_rule is not None and label_rule not in LABEL_RULES:
+        raise check.fail(None, f"labels must be one of {', '.join(LABEL_RULES)}, got {json.dumps(label_rule)}",
+                         'Write "labels": "argmax" (nnU-Net) or "sequential-threshold" (p > 0.5 channel by channel), '
+                         "or leave it out for the default of the fusion space.")
     raw_members = data.get("members")
     if not isinstance(raw_members, list) or not raw_members:
         raise check.fail(None, "\"members\" must be a non-empty list",
@@ -387,7 +451,7 @@ def load_model_set(path: str | Path, cache_dir: Path | None = None, *,
         if framework not in FRAMEWORKS:
             raise check.fail(where, f"unknown framework {json.dumps(framework)}",
                              f"Use one of {', '.join(FRAMEWORKS)} (U-Mamba folders: umamba).")
-        allowed = _COMMON_MEMBER_KEYS | (_MEDNEXT_KEYS if framework == "mednext" else set())
+        allowed = _MEMBER_KEYS[framework]
         unknown = sorted(set(raw) - allowed)
         if unknown:
             only_mednext = [k for k in unknown if k in _MEDNEXT_KEYS]
@@ -418,7 +482,7 @@ def load_model_set(path: str | Path, cache_dir: Path | None = None, *,
 
     # Only a manifest valid as a whole gets its members read (or downloaded).
     for index, (raw, where, framework, weight, factors, options) in enumerate(validated):
-        model_dir = _resolve_path(check, raw, where, manifest.parent, cache_dir)
+        model_dir = _resolve_path(check, raw, where, base_dir, cache_dir)
         try:
             member = _build_member(framework, model_dir, options, trusted)
         except ModelError as exc:
@@ -435,6 +499,10 @@ def load_model_set(path: str | Path, cache_dir: Path | None = None, *,
         weights.append(weight)
         class_weights.append(factors)
         sources.append({k: raw[k] for k in ("url", "sha256") if k in raw})
-    return ModelSet(members, weights, steps, class_weights=class_weights, name=name.strip(),
-                    description=description, manifest=manifest, member_sources=sources,
-                    manifest_sha256=digest)
+    try:
+        return ModelSet(members, weights, steps, class_weights=class_weights, name=name.strip(),
+                        description=description, manifest=manifest, member_sources=sources,
+                        manifest_sha256=digest, label_rule=label_rule,
+                        recipe={"name": recipe.strip()} if recipe else None)
+    except ModelError as exc:
+        raise ModelError(f"{manifest}: {exc}") from exc

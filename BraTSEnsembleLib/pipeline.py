@@ -16,13 +16,14 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__
-from .case import Case, write_json, write_label_map, write_scalar_map
-from .ensemble import StreamingEnsemble, fused_labels, fusion_space
+from .case import Case, StagedFiles, write_json, write_label_map, write_scalar_map
+from .ensemble import ARGMAX, StreamingEnsemble, fused_labels, fusion_space
 from .errors import Cancelled, DeviceError, OutputError
 from .modelset import ModelSet
 from .postprocess import apply_steps
+from .roles import ensure_roles_available
 from .stats import region_statistics
-from .uncertainty import VoteCounter, normalised_entropy, summarise
+from .uncertainty import VoteCounter, member_agreement, normalised_entropy, summarise
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,17 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
         if cancel is not None and cancel():
             raise Cancelled(f"case {case.case_id}: cancelled")
 
+    for member in model_set.members:  # every member's sequences are checked before any member runs
+        ensure_roles_available(member.roles, case.roles, f"model {member.name}", case.description)
     started = time.perf_counter()
     emit(ProgressEvent("case-start", case.case_id, 0.0, f"{n} model(s) on {torch_device}"))
     ensemble = StreamingEnsemble(space=fusion_space(model_set.members))
     votes = VoteCounter()
+    member_labels: list[np.ndarray] = []
     class_weights = model_set.class_weights or [None] * n
+    label_rule = model_set.resolved_label_rule
+    # a member votes with the set's rule where it can; a region member cannot take argmax (its region rule then)
+    member_rule = None if label_rule == ARGMAX else label_rule
     for index, (member, weight) in enumerate(zip(model_set.members, model_set.weights)):
         check_cancel()
         done = index / n * 0.95
@@ -101,7 +108,9 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
                                f"model {_index + 1}/{n}: {_member.name}: {step}"))
 
         probabilities = member.predict(case, torch_device, report)
-        votes.add(fused_labels(probabilities))
+        own_labels = fused_labels(probabilities, member_rule)
+        votes.add(own_labels)
+        member_labels.append(own_labels)  # uint8, one per member: for its agreement with the final labels
         if probabilities.grid_shape != case.shape_zyx:
             raise RuntimeError(f"{member.name} returned a grid {probabilities.grid_shape}, case is {case.shape_zyx}")
         ensemble.add(probabilities, weight, class_weights[index])
@@ -109,7 +118,7 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
         emit(ProgressEvent("member-done", case.case_id, (index + 1) / n * 0.95, f"model {index + 1}/{n} done"))
     check_cancel()
     fused = ensemble.probabilities()  # the weighted mean, computed once for the labels and the entropy
-    raw_labels = fused_labels(fused)  # argmax (label space) or nested p > 0.5 (region space)
+    raw_labels = fused_labels(fused, label_rule)
     emit(ProgressEvent("postprocess", case.case_id, 0.96,
                        ", ".join(map(str, model_set.postprocess)) or "no postprocessing"))
     labels, records = apply_steps(raw_labels, model_set.postprocess)
@@ -119,12 +128,24 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
         **model_set.describe(),
         "postprocess_details": records,
         "uncertainty": summarise(maps, labels, list(statistics)),
+        "member_agreement": _agreement_records(model_set, member_labels, labels),
         "device": str(torch_device),
         "inputs": {role: case.source(role) for role in case.roles},
         "software": {"brats_ensemble": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "seconds": round(time.perf_counter() - started, 2),
     }
     return Result(case.case_id, labels, case.reference, statistics, provenance, maps)
+
+
+def _agreement_records(model_set: ModelSet, member_labels: list[np.ndarray],
+                       labels: np.ndarray) -> list[dict[str, Any]]:
+    """``[{"member": name, "dice": {"WT": …, "TC": …, "ET": …}}]``: each member's own labels against the final ones
+    (a list, in member order, because names given with ``--model`` need not be unique)."""
+    records = []
+    for member, own in zip(model_set.members, member_labels):
+        scores = member_agreement({member.name: own}, labels)[member.name]
+        records.append({"member": member.name, "dice": {r: round(v, 4) for r, v in scores.items()}})
+    return records
 
 
 def output_paths(out_dir: str | Path, case_id: str) -> dict[str, Path]:
@@ -145,17 +166,27 @@ def check_outputs_free(out_dir: str | Path, case_id: str, overwrite: bool) -> No
 def write_result(result: Result, out_dir: str | Path, overwrite: bool = False,
                  save_uncertainty: bool = False) -> dict[str, Path]:
     """Write the label map (and the uncertainty maps when asked), then the statistics JSON: its presence marks the
-    case as complete."""
+    case as complete.
+
+    All files are first written under temporary names (and the images read back, see
+    :func:`BraTSEnsembleLib.case.write_array_image`); only when every one is complete are they renamed into place,
+    the JSON last. A failed write (disk full, file-size limit, permissions) raises OutputError naming the file and
+    leaves no file of this case behind, neither a final name nor a temporary file.
+    """
     check_outputs_free(out_dir, result.case_id, overwrite)
     paths = output_paths(out_dir, result.case_id)
-    paths["statistics"].unlink(missing_ok=True)  # while the new labels are written, the case must not look done
-    write_label_map(result.labels, result.reference, paths["labels"])
-    written = {"labels": paths["labels"]}
-    for name, values in result.uncertainty.items():
+    with StagedFiles() as staged:
+        written = {"labels": write_label_map(result.labels, result.reference, paths["labels"], staged)}
         if save_uncertainty:
-            written[name] = write_scalar_map(values, result.reference, paths[name])
-        else:  # reached only with overwrite (or nothing there): no map of an earlier run beside the new labels
-            paths[name].unlink(missing_ok=True)
-    files = {f"{kind}_file": path.name for kind, path in written.items()}
-    written["statistics"] = write_json({**result.summary(), **files}, paths["statistics"])
+            for name, values in result.uncertainty.items():
+                written[name] = write_scalar_map(values, result.reference, paths[name], staged)
+        files = {f"{kind}_file": path.name for kind, path in written.items()}
+        written["statistics"] = write_json({**result.summary(), **files}, paths["statistics"], staged)
+        # Reached with --overwrite (or nothing there): the earlier JSON goes first, so that the case never looks
+        # done with a mix of old and new files, and no uncertainty map of an earlier run stays beside new labels.
+        paths["statistics"].unlink(missing_ok=True)
+        for name in result.uncertainty:
+            if name not in written:
+                paths[name].unlink(missing_ok=True)
+        staged.commit()  # labels, maps, then the JSON
     return written

@@ -11,6 +11,13 @@ Rules (selected with ``--postprocess``; several may be chained with commas):
 - ``et-to-netc[:N]`` — when the case's total ET volume is below N voxels (default 500), all ET becomes NETC: the
   classic rule of BraTS pipelines since Isensee et al. 2020 (a case without true enhancement is scored perfect only
   when no ET is predicted at all). N is a parameter; tune it on your own validation data.
+- ``region-min-size[:WT/TC/ET]`` — the BraTS GoAT 2024 rule (Ferreira et al., ShadowTwin41/BraTS_2023_2024_solutions,
+  ``process_prediction_file``): the regions WT (NETC ∪ SNFH ∪ ET), TC (NETC ∪ ET) and ET are filtered each on its
+  own — 26-connected components with fewer voxels than the region's threshold (default WT 250, TC 150, ET 100) are
+  dropped — and the labels are rebuilt from the kept regions, unconditionally, in the order WT → SNFH, TC → NETC,
+  ET → ET (later regions overwrite earlier ones). So an ET component removed inside a kept TC becomes NETC (not
+  background), and a kept ET stays ET even where its TC or WT component was removed. Resection cavity (RC, a label
+  the published pipeline did not have) is kept where no region is rebuilt.
 - ``none`` — nothing.
 """
 from __future__ import annotations
@@ -21,20 +28,27 @@ from typing import Any, Callable
 import cc3d
 import numpy as np
 
-from .labels import ET, NETC, REGIONS
+from .labels import ET, NETC, RC, REGIONS, SNFH
 
 WHOLE_TUMOUR = REGIONS["WT"].labels
 
 
+Parameter = float | tuple[float, ...] | None
+
+
 @dataclass(frozen=True)
 class Step:
-    """One postprocessing rule with its parameter (a threshold in voxels where the rule has one)."""
+    """One postprocessing rule with its parameter: a threshold in voxels, or one per region (``250/150/100``)."""
 
     rule: str
-    parameter: float | None = None
+    parameter: Parameter = None
 
     def __str__(self) -> str:
-        return self.rule if self.parameter is None else f"{self.rule}:{self.parameter:g}"
+        if self.parameter is None:
+            return self.rule
+        if isinstance(self.parameter, tuple):
+            return f"{self.rule}:{'/'.join(f'{v:g}' for v in self.parameter)}"
+        return f"{self.rule}:{self.parameter:g}"
 
 
 def component_sizes(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,10 +102,30 @@ def et_to_netc(labels: np.ndarray, min_et_voxels: float = 500) -> dict[str, Any]
     return {"min_et_voxels": min_et_voxels, "et_voxels": et_voxels, "converted": converted}
 
 
-_RULES: dict[str, tuple[Callable[..., dict[str, Any]], float | None]] = {
+#: The regions of ``region-min-size``, in the order their labels are rebuilt, with the label each writes.
+REBUILD_ORDER: tuple[tuple[str, int], ...] = (("WT", SNFH), ("TC", NETC), ("ET", ET))
+
+
+def region_min_size(labels: np.ndarray, thresholds: tuple[float, ...] = (250, 150, 100)) -> dict[str, Any]:
+    """The GoAT 2024 region rule (module docstring), in place: per-region 26-connected removal, labels rebuilt."""
+    kept = {}
+    removed = {}
+    for (region, _), threshold in zip(REBUILD_ORDER, thresholds):
+        mask = np.isin(labels, REGIONS[region].labels)
+        removed[region] = remove_components_below(mask, mask, threshold, connectivity=26)
+        kept[region] = mask
+    labels[labels != RC] = 0
+    for region, label in REBUILD_ORDER:
+        labels[kept[region]] = label
+    return {"thresholds": dict(zip((r for r, _ in REBUILD_ORDER), thresholds)),
+            "components_removed": removed, "connectivity": 26}
+
+
+_RULES: dict[str, tuple[Callable[..., dict[str, Any]], Parameter]] = {
     "ratio-adaptive": (ratio_adaptive, None),
     "min-size": (min_size, 50),
     "et-to-netc": (et_to_netc, 500),
+    "region-min-size": (region_min_size, (250.0, 150.0, 100.0)),
 }
 RULE_NAMES: tuple[str, ...] = ("none", *_RULES)
 
@@ -108,12 +142,21 @@ def parse_steps(spec: str) -> list[Step]:
         default = _RULES[rule][1]
         if value and default is None:
             raise ValueError(f"postprocessing rule {rule!r} takes no parameter")
-        try:
-            parameter = float(value) if value else default
-        except ValueError as exc:
-            raise ValueError(f"postprocessing {part!r}: the parameter must be a number of voxels") from exc
-        steps.append(Step(rule, parameter))
+        steps.append(Step(rule, _parse_parameter(part, value, default) if value else default))
     return steps
+
+
+def _parse_parameter(part: str, value: str, default: Parameter) -> Parameter:
+    """A number of voxels, or (for per-region rules) as many numbers as the default has, separated by '/'."""
+    count = len(default) if isinstance(default, tuple) else 1
+    try:
+        numbers = tuple(float(v) for v in value.split("/"))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != count or any(not n >= 0 for n in numbers):
+        expected = "one number of voxels" if count == 1 else f"{count} numbers of voxels separated by '/'"
+        raise ValueError(f"postprocessing {part!r}: the parameter must be {expected}")
+    return numbers if isinstance(default, tuple) else numbers[0]
 
 
 def apply_steps(labels: np.ndarray, steps: list[Step]) -> tuple[np.ndarray, list[dict[str, Any]]]:

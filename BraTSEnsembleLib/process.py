@@ -83,6 +83,7 @@ def build_predict_command(
     tile_step: float | None = None,
     overwrite: bool = True,
     progress: bool = True,
+    save_uncertainty: bool = False,
 ) -> list[str]:
     """The ``brats-ensemble predict`` argument list.
 
@@ -90,6 +91,7 @@ def build_predict_command(
     otherwise the ``brats-ensemble`` console script. ``postprocess`` None/'default' and ``folds`` None leave the
     CLI's defaults. A single ``.json`` entry is a model-set manifest (``--model-set``): the manifest then decides
     weights, folds, checkpoint, mirroring, tile step and postprocessing, so those options are not passed.
+    ``save_uncertainty`` adds ``--save-uncertainty`` (the maps :func:`uncertainty_map_path` names).
     Raises ValueError for values the CLI would refuse.
     """
     model_list = [models] if isinstance(models, (str, Path)) else list(models)
@@ -113,7 +115,8 @@ def build_predict_command(
                              "results folders only")
         if weights:
             raise ValueError("weights of a model-set manifest are set in the manifest, not in the panel")
-        return args + ["--model-set", manifests[0], "--device", device] + _output_options(progress, overwrite)
+        return (args + ["--model-set", manifests[0], "--device", device]
+                + _output_options(progress, overwrite, save_uncertainty))
     for model in model_list:
         args += ["--model", model]
     for weight in weights or []:
@@ -130,12 +133,14 @@ def build_predict_command(
         args.append("--no-mirroring")
     if tile_step is not None:
         args += ["--tile-step", f"{float(tile_step):g}"]
-    return args + _output_options(progress, overwrite)
+    return args + _output_options(progress, overwrite, save_uncertainty)
 
 
-def _output_options(progress: bool, overwrite: bool) -> list[str]:
-    """JSON-lines progress (what the module reads) and replacing the results of an earlier run in the temp folder."""
-    return (["--progress", "json"] if progress else []) + (["--overwrite"] if overwrite else [])
+def _output_options(progress: bool, overwrite: bool, save_uncertainty: bool = False) -> list[str]:
+    """JSON-lines progress (what the module reads), replacing the results of an earlier run in the temp folder, and
+    the uncertainty maps."""
+    return ((["--progress", "json"] if progress else []) + (["--overwrite"] if overwrite else [])
+            + (["--save-uncertainty"] if save_uncertainty else []))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -620,18 +625,39 @@ def list_case_folders(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and has_images(p))
 
 
-def finalize_case_outputs(out_dir: str | Path, case_id: str, include_derived: bool = False) -> dict[str, Path]:
+#: The uncertainty maps ``predict --save-uncertainty`` writes (see :mod:`BraTSEnsembleLib.uncertainty`), and the one
+#: the module shows: the normalised entropy of the fused probabilities, which (unlike the members' disagreement) is
+#: informative for a single model too.
+UNCERTAINTY_MAPS: tuple[str, ...] = ("disagreement", "entropy")
+SHOWN_UNCERTAINTY_MAP = "entropy"
+
+
+def uncertainty_map_path(out_dir: str | Path, case_id: str, kind: str = SHOWN_UNCERTAINTY_MAP) -> Path:
+    """Where ``predict --save-uncertainty`` writes an uncertainty map: ``OUT_DIR/<id>_<kind>.nii.gz`` (float32,
+    0 … 1, on the input grid)."""
+    if kind not in UNCERTAINTY_MAPS:
+        raise ValueError(f"unknown uncertainty map {kind!r}; choose one of {', '.join(UNCERTAINTY_MAPS)}")
+    return Path(out_dir) / f"{case_id}_{kind}.nii.gz"
+
+
+def finalize_case_outputs(out_dir: str | Path, case_id: str, include_derived: bool = False,
+                          uncertainty: bool = False) -> dict[str, Path]:
     """After ``predict``: write ``<id>.seg.nrrd`` and ``<id>-statistics.csv`` beside the CLI's ``<id>.nii.gz`` and
-    ``<id>.json``. Returns the paths by kind ('labels', 'json', 'segmentation', 'csv')."""
+    ``<id>.json``. Returns the paths by kind ('labels', 'json', 'segmentation', 'csv'; with ``uncertainty``, also
+    'uncertainty': the map to show, which must have been asked for with ``--save-uncertainty``)."""
     from .segmentation import label_file_to_seg_nrrd, write_statistics_csv
 
     out_dir = Path(out_dir)
     labels = out_dir / f"{case_id}.nii.gz"
     stats_json = out_dir / f"{case_id}.json"
-    for path in (labels, stats_json):
+    expected = [labels, stats_json] + ([uncertainty_map_path(out_dir, case_id)] if uncertainty else [])
+    for path in expected:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: brats-ensemble did not write it")
     seg = label_file_to_seg_nrrd(labels, out_dir / f"{case_id}.seg.nrrd", include_derived=include_derived)
     csv_path = write_statistics_csv(json.loads(stats_json.read_text(encoding="utf-8")),
                                     out_dir / f"{case_id}-statistics.csv")
-    return {"labels": labels, "json": stats_json, "segmentation": seg, "csv": csv_path}
+    outputs = {"labels": labels, "json": stats_json, "segmentation": seg, "csv": csv_path}
+    if uncertainty:
+        outputs["uncertainty"] = uncertainty_map_path(out_dir, case_id)
+    return outputs

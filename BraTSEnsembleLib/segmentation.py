@@ -251,3 +251,37 @@ def table_columns(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """Rows turned into columns ``{column: [values…]}``, the shape a Slicer table node is filled in."""
     rows = list(rows)
     return {column: [row[column] for row in rows] for column in STATISTICS_COLUMNS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Uncertainty heat map
+
+#: Slicer's "Inferno" colour table: black → purple → red → yellow, so the most uncertain voxels are the warmest.
+HEAT_MAP_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
+
+
+@dataclass(frozen=True)
+class HeatMapDisplay:
+    """How the Slicer module shows an uncertainty map: the volume's name, its colour table, a fixed window (min, max)
+    and its opacity as the foreground layer over the input volume."""
+
+    name: str
+    color_node_id: str
+    window_min: float
+    window_max: float
+    foreground_opacity: float
+
+
+def uncertainty_heat_map(case_id: str, kind: str = "entropy", opacity: float = 0.5) -> HeatMapDisplay:
+    """Display of a case's uncertainty map (``predict --save-uncertainty``) as a heat map.
+
+    Both maps lie in [0, 1] (see :mod:`BraTSEnsembleLib.uncertainty`), so the window is fixed at 0 … 1: an automatic
+    window/level would stretch a nearly certain case's small values to full colour and make it look uncertain.
+    """
+    from .process import UNCERTAINTY_MAPS
+
+    if kind not in UNCERTAINTY_MAPS:
+        raise ValueError(f"unknown uncertainty map {kind!r}; choose one of {', '.join(UNCERTAINTY_MAPS)}")
+    if not 0.0 < opacity <= 1.0:
+        raise ValueError(f"opacity must be in (0, 1], got {opacity}")
+    return HeatMapDisplay(f"{case_id} uncertainty ({kind})", HEAT_MAP_COLOR_NODE_ID, 0.0, 1.0, opacity)

@@ -13,10 +13,15 @@ Two maps, both in [0, 1] on the case grid:
 
 Each is summarised per region (mean inside the final ET, TC, WT … masks) in the statistics JSON, and written as a
 map with ``--save-uncertainty``.
+
+**Agreement of each member with the ensemble** (:func:`member_agreement`): the Dice of each member's own labels with
+the ensemble's final labels (after postprocessing), per region (WT, TC, ET), recorded in the statistics JSON as
+``member_agreement`` and shown in the demo's report.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -83,3 +88,22 @@ def summarise(maps: dict[str, np.ndarray], labels: np.ndarray, regions: list[str
             for name, values in maps.items()
         }
     return summary
+
+
+#: Regions in which each member's agreement with the ensemble is measured.
+AGREEMENT_REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
+
+
+def region_dice(a: np.ndarray, b: np.ndarray, region: str) -> float:
+    """Dice of one region of two canonical label maps (1.0 when the region is empty in both)."""
+    mask_a, mask_b = region_mask(a, region), region_mask(b, region)
+    total = int(mask_a.sum()) + int(mask_b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(mask_a, mask_b).sum()) / total
+
+
+def member_agreement(member_labels: Mapping[str, np.ndarray], final_labels: np.ndarray,
+                     regions: Sequence[str] = AGREEMENT_REGIONS) -> dict[str, dict[str, float]]:
+    """``{member: {region: Dice}}`` of each member's own label map with the ensemble's final labels."""
+    return {name: {region: region_dice(labels, final_labels, region) for region in regions}
+            for name, labels in member_labels.items()}
+

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
+import os
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from BraTSEnsembleLib.case import (case_from_images, discover_case_files, read_case_folder, write_json,
+from BraTSEnsembleLib.case import (StagedFiles, case_from_images, discover_case_files, read_case_folder, write_json,
                                    write_label_map)
 from BraTSEnsembleLib.demo.phantom import make_phantom
-from BraTSEnsembleLib.errors import InputError, OutputError
+from BraTSEnsembleLib.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -52,103 +52,7 @@ def test_real_brats_case_reads_as_int16_with_real_geometry(real_case):
     assert case.array("t2f").dtype == np.float32 and case.array("t2f").max() > 100
 
 
-# -- the bad-input matrix of the case reader ----------------------------------------------------------------------
-
-
-def _write(image: sitk.Image, path: Path) -> Path:
-    sitk.WriteImage(image, str(path))
-    return path
-
-
-def test_missing_role_is_reported_by_the_pipeline_with_what_was_found(phantom, tmp_path):
-    from BraTSEnsembleLib.roles import ensure_roles_available
-
-    case_dir = phantom.write(tmp_path)
-    (case_dir / f"{phantom.case_id}-t2f.nii.gz").unlink()
-    case = read_case_folder(case_dir)
-    with pytest.raises(InputError, match=r"t2f \(T2-FLAIR\).*found: t1c"):
-        ensure_roles_available(("t1n", "t1c", "t2w", "t2f"), case.roles, "model X", f"case {case.case_id}")
-
-
-def test_two_files_for_one_role(phantom, tmp_path):
-    case_dir = phantom.write(tmp_path)
-    _write(phantom.to_sitk(phantom.images["t1c"]), case_dir / f"{phantom.case_id}_t1ce.nii.gz")
-    with pytest.raises(InputError, match="more than one file for t1c"):
-        read_case_folder(case_dir)
-
-
-def test_same_file_for_two_roles(phantom, tmp_path):
-    from BraTSEnsembleLib.case import case_from_files
-
-    path = _write(phantom.to_sitk(phantom.images["t1c"]), tmp_path / "a.nii.gz")
-    with pytest.raises(InputError, match="given for both t1n and t1c"):
-        case_from_files("x", {"t1n": path, "t1c": path})
-
-
-@pytest.mark.parametrize("change, word", [
-    (lambda im: im.SetSpacing((1.0, 1.0, 1.2)), "spacing"),
-    (lambda im: im.SetOrigin((5.0, 0.0, 0.0)), "origin"),
-    (lambda im: im.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1)), "direction"),
-])
-def test_geometry_mismatch_names_both_files_and_the_fix(phantom, tmp_path, change, word):
-    case_dir = phantom.write(tmp_path)
-    path = case_dir / f"{phantom.case_id}-t2w.nii.gz"
-    image = sitk.ReadImage(str(path))
-    change(image)
-    _write(image, path)
-    with pytest.raises(InputError) as error:
-        read_case_folder(case_dir)
-    message = str(error.value)
-    assert word in message and "t2w" in message and "t1c" in message and "resample" in message
-
-
-def test_size_mismatch(phantom, tmp_path):
-    case_dir = phantom.write(tmp_path)
-    smaller = phantom.to_sitk(phantom.images["t1n"][:, :, :-2].copy())
-    _write(smaller, case_dir / f"{phantom.case_id}-t1n.nii.gz")
-    with pytest.raises(InputError, match="size"):
-        read_case_folder(case_dir)
-
-
-def test_four_d_image(phantom, tmp_path):
-    case_dir = phantom.write(tmp_path)
-    series = sitk.JoinSeries([phantom.to_sitk(phantom.images["t1n"])] * 2)
-    _write(series, case_dir / f"{phantom.case_id}-t1n.nii.gz")
-    with pytest.raises(InputError, match="4-D image.*split"):
-        read_case_folder(case_dir)
-
-
-def test_two_d_image(phantom, tmp_path):
-    case_dir = phantom.write(tmp_path)
-    _write(sitk.GetImageFromArray(phantom.images["t1n"][10]), case_dir / f"{phantom.case_id}-t1n.nii.gz")
-    with pytest.raises(InputError, match="2-D image"):
-        read_case_folder(case_dir)
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_nan_or_inf_voxels(phantom, tmp_path, bad):
-    case_dir = phantom.write(tmp_path)
-    array = phantom.images["t2w"].copy()
-    array[3, 4, 5] = bad
-    _write(phantom.to_sitk(array), case_dir / f"{phantom.case_id}-t2w.nii.gz")
-    with pytest.raises(InputError, match="NaN/Inf"):
-        read_case_folder(case_dir)
-
-
-@pytest.mark.parametrize("value, word", [(0.0, "empty"), (7.0, "constant")])
-def test_empty_or_constant_image(phantom, tmp_path, value, word):
-    case_dir = phantom.write(tmp_path)
-    _write(phantom.to_sitk(np.full_like(phantom.images["t1c"], value)), case_dir / f"{phantom.case_id}-t1c.nii.gz")
-    with pytest.raises(InputError, match=word):
-        read_case_folder(case_dir)
-
-
-def test_truncated_file(phantom, tmp_path):
-    case_dir = phantom.write(tmp_path)
-    path = case_dir / f"{phantom.case_id}-t1c.nii.gz"
-    path.write_bytes(path.read_bytes()[:300])
-    with pytest.raises(InputError, match=r"t1c\.nii\.gz: cannot be read"):
-        read_case_folder(case_dir)
+# -- other refusals of the case reader (the bad-input matrix itself: test_bad_input_matrix.py) ---------------------
 
 
 def test_folder_without_recognisable_files(tmp_path):
@@ -179,8 +83,27 @@ def test_label_map_keeps_reference_geometry_and_leaves_no_partial_file(phantom, 
     assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]
 
 
-def test_output_folder_that_cannot_be_made(tmp_path):
-    blocker = tmp_path / "results"
-    blocker.write_text("a file where the output folder should be")
-    with pytest.raises(OutputError, match="results.*cannot be created"):
-        write_json({"a": 1}, blocker / "case" / "x.json")
+def test_written_files_follow_the_umask_not_mkstemps_private_mode(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = write_json({"a": 1}, tmp_path / "x.json")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_staged_files_appear_together_in_order_or_not_at_all(tmp_path):
+    with StagedFiles() as staged:
+        write_json({"n": 1}, tmp_path / "first.json", staged)
+        write_json({"n": 2}, tmp_path / "second.json", staged)
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
+        assert all(".partial" in p.name for p in tmp_path.iterdir())
+        assert [p.name for p in staged.commit()] == ["first.json", "second.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.json", "second.json"]
+    try:
+        with StagedFiles() as staged:
+            write_json({"n": 3}, tmp_path / "third.json", staged)
+            raise KeyboardInterrupt  # a cancel between staging and commit
+    except KeyboardInterrupt:
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.json", "second.json"]

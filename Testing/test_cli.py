@@ -79,17 +79,11 @@ def test_batch_is_resumable_and_writes_a_cohort_csv(trained_models, phantom_case
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--device", "cuda"], "sees no CUDA GPU"),
     (["--postprocess", "blur"], "unknown postprocessing rule 'blur'"),
     (["--weight", "1", "--weight", "2"], "2 weight(s) given for 1 model(s)"),
-    (["--folds", "7"], "fold_7/checkpoint_final.pth: not found"),
 ])
 def test_bad_options_fail_clearly_before_any_output(trained_models, phantom_cases, tmp_path, args, message):
-    if "cuda" in args:
-        import torch
-
-        if torch.cuda.is_available():
-            pytest.skip("a CUDA GPU is present")
+    """(--device cuda without a GPU and --folds of a fold that is not there: rows of test_bad_input_matrix.py.)"""
     case_dir = sorted(phantom_cases.iterdir())[0]
     done = brats_ensemble("predict", str(case_dir), "-o", str(tmp_path / "out"), "-m",
                           str(trained_models["A"].path), *args)
@@ -98,18 +92,7 @@ def test_bad_options_fail_clearly_before_any_output(trained_models, phantom_case
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_sequence_names_the_model_and_the_case(trained_models, phantom_cases, tmp_path):
-    case_dir = tmp_path / sorted(phantom_cases.iterdir())[0].name
-    shutil.copytree(sorted(phantom_cases.iterdir())[0], case_dir)
-    (case_dir / f"{case_dir.name}-t2f.nii.gz").unlink()
-    done = brats_ensemble("predict", str(case_dir), "-o", str(tmp_path / "out"), "-m",
-                          str(trained_models["A"].path), "--progress", "none")
-    assert done.returncode == 1
-    assert "needs t2f (T2-FLAIR)" in done.stderr and case_dir.name in done.stderr
-    assert not any((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
-
-
-def test_evaluate_scores_a_folder_and_refuses_foreign_labels(tmp_path):
+def test_evaluate_scores_a_folder(tmp_path):
     from BraTSEnsembleLib.demo.phantom import make_phantom
 
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
@@ -127,34 +110,4 @@ def test_evaluate_scores_a_folder_and_refuses_foreign_labels(tmp_path):
     assert "ET: lesion_dice 0.5000" in done.stdout  # one perfect case, one with every ET lesion missed
     assert "WT: lesion_dice 1.0000" in done.stdout  # relabelling ET as SNFH keeps the whole tumour
     assert (tmp_path / "scores" / "per_case.csv").is_file()
-
-    bad = make_phantom(7, shape=(40, 44, 40))
-    sitk.WriteImage(bad.to_sitk((bad.labels > 0).astype(np.uint8) * 4), str(pred_dir / f"{bad.case_id}.nii.gz"))
-    sitk.WriteImage(bad.to_sitk(bad.labels), str(gt_dir / f"{bad.case_id}-seg.nii.gz"))
-    refused = brats_ensemble("evaluate", str(pred_dir), str(gt_dir), "-o", str(tmp_path / "scores2"))
-    assert refused.returncode == 1 and bad.case_id in refused.stderr
-
-
-@pytest.mark.slow
-def test_cancel_in_the_middle_of_a_member_leaves_nothing_that_looks_done(trained_models, phantom_cases, tmp_path):
-    """SIGTERM (what a scheduler or the Slicer module's Cancel sends) while a model is predicting: exit 130, no
-    label map or statistics written."""
-    import signal
-    import time
-
-    case_dir = sorted(phantom_cases.iterdir())[0]
-    out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "BraTSEnsembleLib.cli", "predict", str(case_dir), "-o",
-                                str(out), "-m", str(trained_models["A"].path), "--device", "cpu", "--progress",
-                                "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        for line in process.stdout:  # wait until the member is predicting (mirroring on: several seconds)
-            if "predicting" in json.loads(line)["message"]:
-                break
-        time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 130
-    finally:
-        process.kill()
-    assert "cancelled" in process.stderr.read()
-    assert not any(out.glob("*.nii.gz")) and not any(out.glob("*.json"))
+    # (label maps with values outside the protocol's labels: a row of test_bad_input_matrix.py)

@@ -156,15 +156,8 @@ def test_partial_file_longer_than_remote_starts_again(server: FileServer, tmp_pa
     assert [r["range"] for r in server.requests] == [f"bytes={len(PAYLOAD) + 10}-", None]
 
 
-def test_checksum_mismatch_deletes_the_download(server: FileServer, tmp_path: Path) -> None:
-    server.files["model.zip"] = PAYLOAD
-    wrong = "0" * 64
-    url = server.url("model.zip")
-    with pytest.raises(ModelError) as info:
-        download(url, tmp_path / "model.zip", wrong, progress=False)
-    message = str(info.value)
-    assert url in message and wrong in message and sha(PAYLOAD) in message and "checksum mismatch" in message
-    assert list(tmp_path.iterdir()) == []
+# (A checksum mismatch: the row "manifest member with a wrong sha256" of test_bad_input_matrix.py, through the
+# command line against this file's server.)
 
 
 def test_invalid_sha256_is_refused(tmp_path: Path) -> None:

@@ -395,3 +395,37 @@ def test_predict_with_mirroring_and_v1_class_order_on_a_small_case(tmp_path: Pat
     assert np.all(probs.channel(SNFH)[box] < 0.5)
     inside = probs.array[(slice(None), *box)]
     assert inside.std(axis=(1, 2, 3)).max() > 1e-5  # a real prediction, not a constant
+
+
+def test_out_of_memory_retries_the_fold_with_results_on_the_cpu(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA out-of-memory in the first sliding window: the fold is run again with the accumulation on the CPU, the
+    step reporter and a RuntimeWarning say so, and the result is the one without the failure. (On this CPU-only
+    machine the device is the CPU, so both runs accumulate there; what is exercised is the catch, the retry with
+    results_device=cpu and the report, not GPU memory.)"""
+    from BraTSEnsembleLib.members import mednext
+
+    from test_torchscript_member import OutOfMemoryFirst
+
+    folder = write_v1_model_folder(tmp_path, {0: _random_s3_state(seed=14, scale=0.02, out_bias=BIAS_TO_CLASS_2)},
+                                   v1_plans(patch_size=(32, 16, 16)))
+    case = _synthetic_case((14, 18, 18), (slice(1, 13), slice(2, 16), slice(1, 15)), spacing=(1.0, 1.0, 1.0))
+    plain = MedNeXtMember(folder, use_mirroring=False).predict(case, torch.device("cpu"))
+
+    member = MedNeXtMember(folder, use_mirroring=False)
+    load = member.load_network
+    monkeypatch.setattr(member, "load_network", lambda fold, device: OutOfMemoryFirst(load(fold, device)))
+    results_devices = []
+    sliding_window = mednext.predict_sliding_window
+
+    def spy(*args, **kwargs):
+        results_devices.append(kwargs["results_device"])
+        return sliding_window(*args, **kwargs)
+
+    monkeypatch.setattr(mednext, "predict_sliding_window", spy)
+    steps: list[str] = []
+    with pytest.warns(RuntimeWarning, match="CUDA out of memory"):
+        retried = member.predict(case, torch.device("cpu"), steps.append)
+    assert np.array_equal(retried.array, plain.array)
+    assert results_devices == [torch.device("cpu"), torch.device("cpu")]  # device first, then the CPU
+    assert any("out of memory" in s and "results on the CPU" in s for s in steps), steps

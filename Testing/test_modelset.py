@@ -389,20 +389,20 @@ def test_manifest_of_two_nnunet_members_equals_the_command_line_model_set(traine
     assert ours.provenance["model_set"]["name"] == "ab" and ours.provenance["postprocess"] == []
 
 
-def _mednext_state(seed: int) -> dict[str, torch.Tensor]:
-    """Small random MedNeXt-S k3 weights whose output bias favours model class 2 (so it finds something)."""
+def mednext_state(seed: int, size: str = "S", class2_bias: float = 1.5) -> dict[str, torch.Tensor]:
+    """Small random MedNeXt k3 weights whose output bias favours model class 2 (so it finds something)."""
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in create_mednext("S", 3, 4, 4).state_dict().items()}
+        shapes = {k: v.shape for k, v in create_mednext(size, 3, 4, 4).state_dict().items()}
     generator = torch.Generator().manual_seed(seed)
     state = {k: torch.randn(s, generator=generator) * 0.02 + (1.0 if k.endswith("norm.weight") else 0.0)
              for k, s in shapes.items()}
-    state["out_0.conv_out.bias"] = torch.tensor([0.0, 0.0, 1.5, 0.0])
+    state["out_0.conv_out.bias"] = torch.tensor([0.0, 0.0, class2_bias, 0.0])
     return state
 
 
 @pytest.mark.slow
 def test_manifest_mixing_mednext_and_nnunet_on_a_phantom_case(trained_models, phantom_cases, tmp_path: Path) -> None:
-    mednext_dir = write_v1_model_folder(tmp_path / "models", {0: _mednext_state(21)}, v1_plans(patch_size=(32, 32, 32)))
+    mednext_dir = write_v1_model_folder(tmp_path / "models", {0: mednext_state(21)}, v1_plans(patch_size=(32, 32, 32)))
     data = {"name": "mixed", "postprocess": "none", "members": [
         _nnunet_member(trained_models["A"], weight=1.0, class_weights={"ET": 2.0, "background": 0.5}),
         {"name": "mednext", "framework": "mednext", "path": os.path.relpath(mednext_dir, tmp_path),

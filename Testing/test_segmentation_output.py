@@ -250,3 +250,35 @@ def test_finalize_case_outputs_writes_seg_nrrd_and_csv_beside_cli_outputs(tmp_pa
     assert outputs["csv"].read_text(encoding="utf-8").splitlines()[0] == "Region,Description,Volume [mL],Voxels,Lesions"
     with pytest.raises(FileNotFoundError, match="did not write"):
         process.finalize_case_outputs(tmp_path, "other-case")
+
+
+def test_finalize_case_outputs_returns_the_uncertainty_map_only_when_asked(tmp_path):
+    ref, labels = oblique_reference(), label_map()
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(ref)
+    sitk.WriteImage(image, str(tmp_path / "BraTS-GLI-00001-000.nii.gz"))
+    (tmp_path / "BraTS-GLI-00001-000.json").write_text(json.dumps(CLI_RESULT))
+    assert "uncertainty" not in process.finalize_case_outputs(tmp_path, "BraTS-GLI-00001-000")
+    with pytest.raises(FileNotFoundError, match=r"BraTS-GLI-00001-000_entropy\.nii\.gz: brats-ensemble did not"):
+        process.finalize_case_outputs(tmp_path, "BraTS-GLI-00001-000", uncertainty=True)
+    entropy = sitk.GetImageFromArray(np.linspace(0, 1, labels.size, dtype=np.float32).reshape(labels.shape))
+    entropy.CopyInformation(ref)
+    sitk.WriteImage(entropy, str(tmp_path / "BraTS-GLI-00001-000_entropy.nii.gz"))
+    outputs = process.finalize_case_outputs(tmp_path, "BraTS-GLI-00001-000", uncertainty=True)
+    assert outputs["uncertainty"] == tmp_path / "BraTS-GLI-00001-000_entropy.nii.gz"
+    assert process.uncertainty_map_path(tmp_path, "c", "disagreement") == tmp_path / "c_disagreement.nii.gz"
+    with pytest.raises(ValueError, match="unknown uncertainty map"):
+        process.uncertainty_map_path(tmp_path, "c", "variance")
+
+
+def test_uncertainty_heat_map_has_a_warm_colour_table_and_a_fixed_window():
+    display = segmentation.uncertainty_heat_map("BraTS-GLI-00001-000")
+    assert display.name == "BraTS-GLI-00001-000 uncertainty (entropy)"
+    assert display.color_node_id == "vtkMRMLColorTableNodeFileInferno.txt"  # Slicer's Inferno colour table
+    assert (display.window_min, display.window_max) == (0.0, 1.0)  # the maps' range, never auto window/level
+    assert 0.0 < display.foreground_opacity < 1.0  # the input stays visible under it
+    assert segmentation.uncertainty_heat_map("c", "disagreement", opacity=1.0).name == "c uncertainty (disagreement)"
+    with pytest.raises(ValueError, match="unknown uncertainty map"):
+        segmentation.uncertainty_heat_map("c", "variance")
+    with pytest.raises(ValueError, match="opacity"):
+        segmentation.uncertainty_heat_map("c", opacity=0.0)

@@ -141,12 +141,12 @@ def test_predict_command_with_every_option():
     args = process.build_predict_command(
         "/tmp/case", "/tmp/out", ["/m/a", Path("/m/b")], python="/opt/Slicer/bin/PythonSlicer", weights=[1, 0.5],
         device="cuda", postprocess=["ratio-adaptive", "et-to-netc"], folds="0 1,2", checkpoint="best",
-        mirroring=False, tile_step=0.7, overwrite=True, progress=True)
+        mirroring=False, tile_step=0.7, overwrite=True, progress=True, save_uncertainty=True)
     assert args == [
         "/opt/Slicer/bin/PythonSlicer", "-m", "BraTSEnsembleLib.cli", "predict", "/tmp/case", "-o", "/tmp/out",
         "--model", "/m/a", "--model", "/m/b", "--weight", "1", "--weight", "0.5", "--device", "cuda",
         "--postprocess", "ratio-adaptive,et-to-netc", "--folds", "0", "1", "2", "--checkpoint", "best",
-        "--no-mirroring", "--tile-step", "0.7", "--progress", "json", "--overwrite",
+        "--no-mirroring", "--tile-step", "0.7", "--progress", "json", "--overwrite", "--save-uncertainty",
     ]
 
 
@@ -154,6 +154,8 @@ def test_predict_command_defaults_leave_model_set_choices_alone():
     args = process.build_predict_command("c", "o", "/models/goat2025.json", tile_step=0.7, mirroring=False)
     assert args == ["brats-ensemble", "predict", "c", "-o", "o", "--model-set", "/models/goat2025.json",
                     "--device", "auto", "--progress", "json", "--overwrite"]
+    assert process.build_predict_command("c", "o", "/models/goat2025.json", save_uncertainty=True)[-1] == \
+        "--save-uncertainty"
     with pytest.raises(ValueError, match="one manifest"):
         process.build_predict_command("c", "o", ["/models/goat2025.json", "/models/folder"])
     assert "--postprocess" not in process.build_predict_command("c", "o", "m", postprocess="default")
@@ -680,8 +682,10 @@ def test_module_cmake_lists_every_library_file_and_existing_resources():
     assert sorted(listed_py) == actual_py, (
         f"add to BRATSENSEMBLE_LIB_SCRIPTS in BraTSEnsemble/CMakeLists.txt: {sorted(set(actual_py) - set(listed_py))}; "
         f"remove: {sorted(set(listed_py) - set(actual_py))}")
+    # every other file the library ships (manifests, recipes, the demo case and demo models) is data to install
     data_files = sorted(p.relative_to(LIB_DIR).as_posix() for p in LIB_DIR.rglob("*")
-                        if p.is_file() and p.suffix in (".json", ".txt", ".csv") and "__pycache__" not in p.parts)
+                        if p.is_file() and p.suffix not in (".py", ".pyc") and not p.name.startswith(".")
+                        and "__pycache__" not in p.parts)
     assert sorted(cmake_set(text, "BRATSENSEMBLE_LIB_DATA")) == data_files
     assert "${MODULE_NAME}.py" in cmake_set(text, "MODULE_PYTHON_SCRIPTS")
     assert cmake_set(text, "MODULE_NAME") == ["BraTSEnsemble"]

@@ -81,3 +81,8 @@ def test_cli_writes_uncertainty_maps_and_summaries(trained_models, phantom_cases
     wt = labels > 0
     assert summary["uncertainty"]["WT"]["mean_disagreement"] == pytest.approx(float(values[wt].mean()), abs=1e-4)
     assert summary["disagreement_file"] == f"{case_dir.name}_disagreement.nii.gz"
+    # where the Slicer module looks for the map it shows (BraTSEnsembleLib.process, which does not import the CLI)
+    from BraTSEnsembleLib.process import UNCERTAINTY_MAPS, uncertainty_map_path
+
+    for kind in UNCERTAINTY_MAPS:
+        assert uncertainty_map_path(out, case_dir.name, kind).is_file()

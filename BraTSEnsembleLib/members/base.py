@@ -16,11 +16,13 @@ A member may say which space it predicts in through an optional ``space`` attrib
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from ..errors import DeviceError
 from ..labels import ET, NETC, SNFH
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,3 +112,52 @@ class Member(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """Provenance: framework, path, folds, checkpoint and options, as JSON-serialisable values."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA out of memory
+# ----------------------------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA out-of-memory: ``torch.cuda.OutOfMemoryError``, or a RuntimeError whose message says
+    "out of memory" (what the TorchScript interpreter raises when an operator inside it runs out)."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def with_cpu_results_on_oom(attempt: Callable[[bool], T], device: "torch.device", report: StepReporter,
+                            who: str) -> T:
+    """``attempt(True)`` (sliding window with its inputs and accumulated results on ``device``); on CUDA
+    out-of-memory, empty the CUDA cache and return ``attempt(False)`` (windows still on ``device``, results on the
+    CPU), after saying so through ``report`` and a RuntimeWarning. This is nnU-Net's own fallback (nnunetv2
+    ``nnUNetPredictor.predict_sliding_window_return_logits``) for members that run their own sliding window.
+
+    A second out-of-memory raises DeviceError with what to do. Any other error propagates unchanged.
+    """
+    import torch
+
+    try:
+        return attempt(True)
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        reason = " ".join(str(exc).split())[:200]
+    # Outside the except block, so that the failed attempt's frames (and the tensors they hold) are released.
+    torch.cuda.empty_cache()
+    message = (f"{who}: CUDA out of memory with the results on {device} ({reason}); retrying with the sliding "
+               f"window on {device} and the results on the CPU (slower)")
+    report(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    try:
+        return attempt(False)
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise DeviceError(f"{who}: out of memory on {device} even with the results on the CPU. Close other programs "
+                          "using the GPU, use a smaller sliding-window batch or patch, or run on --device cpu.") from exc

@@ -38,7 +38,7 @@ from ..checkpoints import load_checkpoint, load_plain_pickle
 from ..errors import InputError, ModelError
 from ..labels import BACKGROUND, ET, LABEL_NAMES, NETC, SNFH
 from ..roles import model_channel_roles
-from .base import Probabilities, StepReporter
+from .base import Probabilities, StepReporter, with_cpu_results_on_oom
 
 FRAMEWORK = "mednext"
 
@@ -201,13 +201,17 @@ class MedNeXt(nn.Module):
 
 
 def create_mednext(size: str, kernel_size: int, in_channels: int, n_classes: int,
-                   deep_supervision: bool = True) -> MedNeXt:
+                   deep_supervision: bool = True, n_channels: int = BASE_CHANNELS) -> MedNeXt:
     """MedNeXt of a published size ('S', 'B', 'M', 'L') and kernel (3 or 5), as ``nnUNetTrainerV2_MedNeXt_*``
     builds it (residual blocks and residual up/down blocks, base width 32, no GRN).
 
     ``n_classes`` counts the background. ``deep_supervision`` adds the heads ``out_1`` … ``out_4`` that every
     published trainer has (they are in the checkpoints even though inference uses ``out_0`` only).
+    ``n_channels`` is the width of the first stage (the official trainers' ``n_channels=32``; a narrower network
+    has the same parameter names, with smaller shapes).
     """
+    if n_channels < 1:
+        raise ValueError(f"n_channels must be positive, got {n_channels}")
     key = size.upper()
     if key not in MEDNEXT_SIZES:
         raise ValueError(f"unknown MedNeXt size {size!r}; expected one of {', '.join(MEDNEXT_SIZES)}")
@@ -215,7 +219,7 @@ def create_mednext(size: str, kernel_size: int, in_channels: int, n_classes: int
         raise ValueError(f"unsupported MedNeXt kernel size {kernel_size}; expected 3 or 5")
     config = MEDNEXT_SIZES[key]
     return MedNeXt(in_channels, n_classes, config["exp_r"], config["block_counts"], kernel_size,
-                   deep_supervision=deep_supervision)
+                   n_channels=n_channels, deep_supervision=deep_supervision)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,6 +237,15 @@ def load_v1_checkpoint(path: Path) -> dict[str, Any]:
         raise ModelError(f"{path}: not an nnU-Net v1 checkpoint (no 'state_dict'). Point to the "
                          "fold_N/model_final_checkpoint.model file written by nnU-Net v1 / MedNeXt training.")
     return checkpoint
+
+
+def stem_width(state_dict: Mapping[str, torch.Tensor], source: Path) -> int:
+    """The network's first-stage width (``n_channels``) from the shape of its ``stem.weight`` (32 in every published
+    MedNeXt; the trainer, not the plans, sets it, so the checkpoint is where it is recorded)."""
+    weight = state_dict.get("stem.weight")
+    if weight is None or weight.ndim != 5:
+        raise ModelError(f"{source}: no 5-D 'stem.weight' in the state_dict; this is not a 3D MedNeXt checkpoint.")
+    return int(weight.shape[0])
 
 
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -528,10 +541,15 @@ def _softmax_with_mirroring(network: nn.Module, patch: torch.Tensor, flips: Sequ
 
 def predict_sliding_window(network: nn.Module, data: np.ndarray, patch_size: Sequence[int], n_classes: int,
                            device: torch.device, step_size: float = 0.5,
-                           mirror_axes: Sequence[int] = (0, 1, 2)) -> np.ndarray:
+                           mirror_axes: Sequence[int] = (0, 1, 2),
+                           results_device: torch.device | None = None) -> np.ndarray:
     """v1 sliding-window softmax of (C, …) ``data``: padded (zeros, centred) to at least the patch, windows at
     :func:`sliding_window_starts`, each window's mirror-averaged softmax weighted by the Gaussian, normalised by the
-    summed weights. Returns float32 (n_classes, …) on the shape of ``data``."""
+    summed weights. Returns float32 (n_classes, …) on the shape of ``data``.
+
+    Windows run on ``device``; the weighted sums are accumulated on ``results_device`` (default ``device``; the CPU
+    when the device ran out of memory, see :func:`.base.with_cpu_results_on_oom`)."""
+    results_device = device if results_device is None else torch.device(results_device)
     shape = np.array(data.shape[1:])
     patch = np.array(patch_size)
     pad_total = np.maximum(patch - shape, 0)
@@ -539,9 +557,9 @@ def predict_sliding_window(network: nn.Module, data: np.ndarray, patch_size: Seq
     padded = np.pad(data, [(0, 0)] + [(int(b), int(t - b)) for b, t in zip(pad_before, pad_total)])
     padded_shape = padded.shape[1:]
 
-    weights = torch.from_numpy(gaussian_importance_map(patch_size)).to(device)
-    summed = torch.zeros((n_classes, *padded_shape), dtype=torch.float32, device=device)
-    weight_sum = torch.zeros(padded_shape, dtype=torch.float32, device=device)
+    weights = torch.from_numpy(gaussian_importance_map(patch_size)).to(results_device)
+    summed = torch.zeros((n_classes, *padded_shape), dtype=torch.float32, device=results_device)
+    weight_sum = torch.zeros(padded_shape, dtype=torch.float32, device=results_device)
     source = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))
     flips = _mirror_combinations(mirror_axes)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
@@ -550,7 +568,7 @@ def predict_sliding_window(network: nn.Module, data: np.ndarray, patch_size: Seq
         for start in itertools.product(*sliding_window_starts(patch_size, padded_shape, step_size)):
             window = tuple(slice(s, s + p) for s, p in zip(start, patch_size))
             x = source[(slice(None), *window)][None].to(device)
-            probs = _softmax_with_mirroring(network, x, flips)[0]
+            probs = _softmax_with_mirroring(network, x, flips)[0].to(results_device)
             summed[(slice(None), *window)] += probs * weights
             weight_sum[window] += weights
     result = summed / weight_sum
@@ -718,7 +736,8 @@ class MedNeXtMember:
         path = self.checkpoints[str(fold)]
         state = strip_module_prefix(load_v1_checkpoint(path)["state_dict"])
         deep_supervision = any(k.startswith("out_1.") for k in state)
-        network = create_mednext(self.size, self.kernel_size, self.in_channels, self.n_outputs, deep_supervision)
+        network = create_mednext(self.size, self.kernel_size, self.in_channels, self.n_outputs, deep_supervision,
+                                 n_channels=stem_width(state, path))
         try:
             network.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -747,8 +766,11 @@ class MedNeXtMember:
         for index, fold in enumerate(self.checkpoints, start=1):
             say(f"{self.name}: fold {fold} ({index}/{len(self.checkpoints)})")
             network = self.load_network(fold, device)
-            softmax = predict_sliding_window(network, pre.data, self.prep.patch_size, self.n_outputs, device,
-                                             self.step_size, mirror_axes)
+            softmax = with_cpu_results_on_oom(
+                lambda on_device: predict_sliding_window(
+                    network, pre.data, self.prep.patch_size, self.n_outputs, device, self.step_size, mirror_axes,
+                    results_device=device if on_device else torch.device("cpu")),
+                device, say, self.name)
             summed = softmax if summed is None else summed + softmax
             del network
         assert summed is not None

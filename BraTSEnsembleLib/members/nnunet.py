@@ -145,7 +145,9 @@ class NnUNetMember:
             path = self.model_dir / f"fold_{fold}" / self.checkpoint_name
             if not path.is_file():
                 raise ModelError(f"{path}: not found (fold {fold} was asked for; available: "
-                                 f"{', '.join(available_folds(self.model_dir, self.checkpoint_name)) or 'none'})")
+                                 f"{', '.join(available_folds(self.model_dir, self.checkpoint_name)) or 'none'}). "
+                                 "Choose available folds with --folds (or leave it out to use every fold there), "
+                                 "or copy that fold's folder into the model folder.")
         self.use_mirroring = use_mirroring
         self.tile_step_size = tile_step_size
         self.trust_checkpoint = trust_checkpoint
