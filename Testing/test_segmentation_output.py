@@ -237,12 +237,16 @@ def test_statistics_csv(tmp_path):
     assert rows[2]["Volume [mL]"] == "5.0"
 
 
+def write_cli_outputs(folder):
+    """What `brats-ensemble predict` leaves for one case: the label map (oblique grid) and its statistics JSON."""
+    image = sitk.GetImageFromArray(label_map())
+    image.CopyInformation(oblique_reference())
+    sitk.WriteImage(image, str(folder / "BraTS-GLI-00001-000.nii.gz"))
+    (folder / "BraTS-GLI-00001-000.json").write_text(json.dumps(CLI_RESULT))
+
+
 def test_finalize_case_outputs_writes_seg_nrrd_and_csv_beside_cli_outputs(tmp_path):
-    ref, labels = oblique_reference(), label_map()
-    image = sitk.GetImageFromArray(labels)
-    image.CopyInformation(ref)
-    sitk.WriteImage(image, str(tmp_path / "BraTS-GLI-00001-000.nii.gz"))
-    (tmp_path / "BraTS-GLI-00001-000.json").write_text(json.dumps(CLI_RESULT))
+    write_cli_outputs(tmp_path)
     outputs = process.finalize_case_outputs(tmp_path, "BraTS-GLI-00001-000", include_derived=True)
     assert outputs["segmentation"] == tmp_path / "BraTS-GLI-00001-000.seg.nrrd"
     seg = slicerio.read_segmentation(str(outputs["segmentation"]))
@@ -253,16 +257,13 @@ def test_finalize_case_outputs_writes_seg_nrrd_and_csv_beside_cli_outputs(tmp_pa
 
 
 def test_finalize_case_outputs_returns_the_uncertainty_map_only_when_asked(tmp_path):
-    ref, labels = oblique_reference(), label_map()
-    image = sitk.GetImageFromArray(labels)
-    image.CopyInformation(ref)
-    sitk.WriteImage(image, str(tmp_path / "BraTS-GLI-00001-000.nii.gz"))
-    (tmp_path / "BraTS-GLI-00001-000.json").write_text(json.dumps(CLI_RESULT))
+    write_cli_outputs(tmp_path)
     assert "uncertainty" not in process.finalize_case_outputs(tmp_path, "BraTS-GLI-00001-000")
     with pytest.raises(FileNotFoundError, match=r"BraTS-GLI-00001-000_entropy\.nii\.gz: brats-ensemble did not"):
         process.finalize_case_outputs(tmp_path, "BraTS-GLI-00001-000", uncertainty=True)
-    entropy = sitk.GetImageFromArray(np.linspace(0, 1, labels.size, dtype=np.float32).reshape(labels.shape))
-    entropy.CopyInformation(ref)
+    shape = label_map().shape
+    entropy = sitk.GetImageFromArray(np.linspace(0, 1, int(np.prod(shape)), dtype=np.float32).reshape(shape))
+    entropy.CopyInformation(oblique_reference())
     sitk.WriteImage(entropy, str(tmp_path / "BraTS-GLI-00001-000_entropy.nii.gz"))
     outputs = process.finalize_case_outputs(tmp_path, "BraTS-GLI-00001-000", uncertainty=True)
     assert outputs["uncertainty"] == tmp_path / "BraTS-GLI-00001-000_entropy.nii.gz"
