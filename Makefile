@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/brats-ensemble demo
+	$(VENV)/bin/brats-ensemble demo -o demo-output --overwrite
 
 test: setup
 	$(PY) -m pytest -q

@@ -82,6 +82,24 @@ For research use only; not for clinical decisions.
 Built on nnU-Net v2 (Isensee et al.), MedNeXt (Roy et al.) and U-Mamba (Ma et al.), and the BraTS challenge
 label conventions. Installation of dependencies follows the approach of SlicerTotalSegmentator and SlicerNNUnet.
 """)
+        # The demo case (a synthetic phantom) in Sample Data, once the application has started.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Register the shipped demo case (four sequences and its ground truth segmentation; a synthetic phantom) in the
+    Sample Data module, category "BraTSEnsemble". The file list, node names and SHA-256 come from the library."""
+    import SampleData
+
+    try:
+        _importLibrary()
+        from BraTSEnsembleLib.demo import sample_data_source
+
+        source = sample_data_source()
+    except (ImportError, FileNotFoundError) as exc:  # a package without the demo case: nothing to register
+        logging.warning("BraTSEnsemble: demo case not registered as sample data: %s", exc)
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
 
 
 #
@@ -210,7 +228,7 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not any(getattr(pn, role) for role in ROLES):
             self.autoAssign(reportProblems=False)
         if not pn.modelPaths:
-            default = self.logic.defaultModelSet()
+            default = self.logic.defaultModelSet([getattr(pn, role) for role in ROLES])
             if default:
                 pn.modelPaths = [default]
 
@@ -565,10 +583,17 @@ class BraTSEnsembleLogic(ScriptedLoadableModuleLogic):
 
     # --- models
 
-    def defaultModelSet(self):
-        """The demo model set when it is installed (a later release adds it), else None."""
-        demo = findDemoData()
-        return str(demo[1]) if demo else None
+    def defaultModelSet(self, volumeNodes):
+        """The shipped demo model set (its manifest) when the input volumes are the shipped demo case loaded from
+        Sample Data, else None: the demo models are trained on synthetic phantoms and are never offered for other
+        images."""
+        if not all(volumeNodes):
+            return None
+        _importLibrary()
+        from BraTSEnsembleLib.demo import model_set_offered_for
+
+        manifest = model_set_offered_for([node.GetName() for node in volumeNodes])
+        return str(manifest) if manifest else None
 
     # --- dependencies
 
@@ -920,10 +945,21 @@ class BraTSEnsembleTest(ScriptedLoadableModuleTest):
                               "segmentation test. Press Apply once in the module to install them.")
             return
         process, roles, _seg = _importLibrary()
+        from BraTSEnsembleLib import demo as demoLibrary
         from BraTSEnsembleLib.case import discover_case_files
 
         caseId, files = discover_case_files(caseFolder)
-        volumes = {role: slicer.util.loadVolume(str(files[role])) for role in ROLES}
+        shipped = demoLibrary.demo_case_folder()
+        if shipped.is_dir() and os.path.samefile(caseFolder, shipped):
+            # the shipped case: load it the way a new user does, through Sample Data
+            import SampleData
+
+            registerSampleData()
+            nodes = SampleData.SampleDataLogic().downloadSamples(demoLibrary.SAMPLE_NAME)
+            self.assertEqual(len(nodes), len(demoLibrary.SAMPLE_ROLES))
+            volumes = {role: node for role, node in zip(demoLibrary.SAMPLE_ROLES, nodes) if role in ROLES}
+        else:
+            volumes = {role: slicer.util.loadVolume(str(files[role])) for role in ROLES}
         self.delayDisplay(f"Segmenting demo case {caseId}")
         segmentationNode, tableNode = logic.segment(volumes, str(modelSet), device="cpu", timeout=600)
         segmentIds = [segmentationNode.GetSegmentation().GetNthSegmentID(i)

@@ -1,6 +1,6 @@
 """The demo's PNG report (BraTSEnsembleLib.demo.report) on small phantoms: size, content, slice choice, empty maps.
 
-The full demo (which trains a model) is not run here.
+The demo command itself, the shipped case and the shipped model set are tested in test_demo_set.py.
 """
 from __future__ import annotations
 
@@ -109,23 +109,3 @@ def test_member_agreement_is_dice_per_region(phantom):
     assert table["no-et"]["WT"] == 1.0 and table["no-et"]["ET"] == 0.0
     netc, tc = int(region_mask(fused, "NETC").sum()), int(region_mask(fused, "TC").sum())
     assert table["no-et"]["TC"] == pytest.approx(2 * netc / (netc + tc))
-
-
-def test_the_slicer_self_test_finds_the_demo_case_and_the_trained_demo_model(tmp_path, monkeypatch):
-    """demo_case_folder() writes the held-out phantom into the user's cache; demo_model_set() is None until
-    `brats-ensemble demo` has trained the model, then process.find_demo (the self-test's lookup) finds both."""
-    from BraTSEnsembleLib import process
-    from BraTSEnsembleLib.demo import demo_case_folder, demo_model_set
-    from BraTSEnsembleLib.demo.run import _model_cache, demo_cache_dir
-
-    monkeypatch.setenv("BRATS_ENSEMBLE_CACHE", str(tmp_path))
-    case = demo_case_folder()
-    assert case.is_dir() and sorted(p.name for p in case.iterdir())[0] == "DemoPhantom-777-t1c.nii.gz"
-    assert demo_model_set() is None
-    assert process.find_demo(tmp_path / "nowhere", environ={}) is None
-    results = tmp_path / "results" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    results.mkdir(parents=True)
-    marker = _model_cache(demo_cache_dir()) / "results-folder.txt"
-    marker.parent.mkdir(parents=True)
-    marker.write_text(str(results))
-    assert process.find_demo(tmp_path / "nowhere", environ={}) == (case, results)

@@ -375,7 +375,11 @@ def test_constraints_pin_slicers_packages():
 
 
 def test_find_demo(tmp_path, monkeypatch):
-    monkeypatch.setenv("BRATS_ENSEMBLE_CACHE", str(tmp_path / "cache"))  # no demo model trained in this cache
+    from BraTSEnsembleLib import demo
+
+    # the shipped demo case and manifest are found through BraTSEnsembleLib.demo
+    assert process.find_demo(tmp_path, environ={}) == (demo.CASE_DIR, demo.MANIFEST)
+    monkeypatch.setattr(demo, "demo_model_set", lambda: None)  # as in a package without the demo models
     assert process.find_demo(tmp_path, environ={}) is None
     (tmp_path / "demo" / "case").mkdir(parents=True)
     (tmp_path / "demo" / "models").mkdir()

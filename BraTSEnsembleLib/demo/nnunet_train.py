@@ -23,7 +23,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .phantom import ROLES, make_phantom
 
@@ -41,17 +41,20 @@ REGION_CLASS_ORDER: list[int] = [1, 2, 3]
 
 def write_raw_dataset(raw_root: Path, dataset_id: int, name: str, seeds: Sequence[int],
                       channel_order: Sequence[str], channel_style: str, shape: tuple[int, int, int],
-                      regions: bool = False) -> Path:
+                      regions: bool = False, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                      layouts: Mapping[int, str] | None = None) -> Path:
     """Write phantoms as an nnU-Net raw dataset (imagesTr, labelsTr, dataset.json) and return its folder.
 
-    With ``regions`` the dataset is region-based in nnU-Net's Dataset137 convention (see the module docstring)."""
+    With ``regions`` the dataset is region-based in nnU-Net's Dataset137 convention (see the module docstring).
+    ``spacing`` (x, y, z mm) is the phantoms' voxel size and ``layouts`` the tumour layout of a seed (default
+    ``standard``; see :func:`~BraTSEnsembleLib.demo.phantom.make_phantom`)."""
     folder = raw_root / f"Dataset{dataset_id:03d}_{name}"
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     import SimpleITK as sitk
 
     for seed in seeds:
-        phantom = make_phantom(seed, shape=shape)
+        phantom = make_phantom(seed, shape=shape, spacing=spacing, layout=(layouts or {}).get(seed, "standard"))
         for channel, role in enumerate(channel_order):
             sitk.WriteImage(phantom.to_sitk(phantom.images[role]),
                             str(folder / "imagesTr" / f"{phantom.case_id}_{channel:04d}.nii.gz"))
@@ -83,20 +86,29 @@ def narrow_plans(plans: dict, configuration: str, max_features: int, base_featur
     return plans
 
 
-def train(work: Path, dataset_id: int, name: str, seeds: Sequence[int], epochs: int, iterations: int,
-          folds: Sequence[str], channel_order: Sequence[str], channel_style: str, shape: tuple[int, int, int],
-          base_features: int, max_features: int, regions: bool = False) -> Path:
-    """Plan, preprocess and train; return the results folder. Sets nnU-Net's folder variables for this process."""
+def set_nnunet_folders(work: Path) -> None:
+    """Point nnU-Net's folder variables at ``work/raw``, ``work/preprocessed`` and ``work/results`` (created).
+
+    nnU-Net reads them when ``nnunetv2`` is first imported, so call this before importing it."""
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
         os.environ[var] = str(work / sub)
         (work / sub).mkdir(parents=True, exist_ok=True)
-    write_raw_dataset(work / "raw", dataset_id, name, seeds, channel_order, channel_style, shape, regions)
+
+
+def plan_and_preprocess(work: Path, dataset_id: int, name: str, seeds: Sequence[int], channel_order: Sequence[str],
+                        channel_style: str, shape: tuple[int, int, int], base_features: int, max_features: int,
+                        regions: bool = False, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                        layouts: Mapping[int, str] | None = None) -> tuple[dict, dict]:
+    """Write the phantom dataset, run nnU-Net's fingerprint extraction, planner and 3d_fullres preprocessing, narrow
+    the planned network; return ``(plans, dataset_json)`` as the trainer takes them."""
+    set_nnunet_folders(work)
+    write_raw_dataset(work / "raw", dataset_id, name, seeds, channel_order, channel_style, shape, regions, spacing,
+                      layouts)
 
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprints, plan_experiments, preprocess)
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     torch.manual_seed(0)
     extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True, verbose=False)
@@ -107,21 +119,58 @@ def train(work: Path, dataset_id: int, name: str, seeds: Sequence[int], epochs: 
     plans_file = preprocessed / "nnUNetPlans.json"
     plans = narrow_plans(load_json(str(plans_file)), "3d_fullres", max_features, base_features)
     save_json(plans, str(plans_file), sort_keys=False)
-    dataset_json = load_json(str(preprocessed / "dataset.json"))
     # Single-threaded augmentation (no worker processes); set only now, the planner needs a positive value.
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
+    return plans, load_json(str(preprocessed / "dataset.json"))
 
+
+def train_fold(plans: dict, dataset_json: dict, fold: str, epochs: int, iterations: int,
+               trainer_class: type | None = None, seed: int | None = None, resumable: bool = False) -> Path:
+    """Train one fold ('0', '1' … or 'all') on CPU with ``trainer_class`` (default ``nnUNetTrainer``) for
+    ``epochs`` × ``iterations``; return the results folder. ``seed`` seeds torch, numpy and random first (nnU-Net's
+    single-threaded data loading and augmentation draw from those), so a run is repeatable.
+
+    ``resumable``: nnU-Net writes ``checkpoint_latest.pth`` after every epoch (instead of every 50), and a
+    ``checkpoint_latest.pth`` left by an interrupted run is continued from with nnU-Net's own ``load_checkpoint``
+    (the continued run is then not bit-identical to an uninterrupted one: the random streams restart)."""
+    import torch
+
+    if trainer_class is None:
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as trainer_class
+    if seed is not None:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+    # what nnunetv2.run.run_training passes for a fresh training (the trainer pops it from the dict)
+    fold_plans = {**plans, "continue_training": False}
+    trainer = trainer_class(fold_plans, "3d_fullres", fold if fold == "all" else int(fold), dataset_json,
+                            device=torch.device("cpu"))
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations
+    trainer.num_val_iterations_per_epoch = max(1, iterations // 4)
+    if resumable:
+        trainer.save_every = 1
+        latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
+        if latest.is_file():
+            trainer.load_checkpoint(str(latest))
+            print(f"continuing from {latest} (epoch {trainer.current_epoch})", flush=True)
+    trainer.run_training()
+    return Path(trainer.output_folder_base)
+
+
+def train(work: Path, dataset_id: int, name: str, seeds: Sequence[int], epochs: int, iterations: int,
+          folds: Sequence[str], channel_order: Sequence[str], channel_style: str, shape: tuple[int, int, int],
+          base_features: int, max_features: int, regions: bool = False) -> Path:
+    """Plan, preprocess and train; return the results folder. Sets nnU-Net's folder variables for this process."""
+    plans, dataset_json = plan_and_preprocess(work, dataset_id, name, seeds, channel_order, channel_style, shape,
+                                              base_features, max_features, regions)
     results = None
     for one_fold in folds:
-        # what nnunetv2.run.run_training passes for a fresh training (the trainer pops it from the dict)
-        fold_plans = {**plans, "continue_training": False}
-        trainer = nnUNetTrainer(fold_plans, "3d_fullres", one_fold if one_fold == "all" else int(one_fold),
-                                dataset_json, device=torch.device("cpu"))
-        trainer.num_epochs = epochs
-        trainer.num_iterations_per_epoch = iterations
-        trainer.num_val_iterations_per_epoch = max(1, iterations // 4)
-        trainer.run_training()
-        results = Path(trainer.output_folder_base)
+        results = train_fold(plans, dataset_json, one_fold, epochs, iterations)
     assert results is not None, "no fold to train"
     return results
 

@@ -755,7 +755,7 @@ class MedNeXtMember:
         averaged over folds), back to the case grid."""
         device = torch.device(device)
         say = report or (lambda _message: None)
-        say(f"{self.name}: preprocessing")
+        say("preprocessing")
         images = np.stack([np.asarray(case.array(role), dtype=np.float32) for role in self._roles])
         if tuple(images.shape[1:]) != tuple(case.shape_zyx):
             raise InputError(f"case {case.case_id}: images of shape {images.shape[1:]} do not match the case grid "
@@ -764,7 +764,7 @@ class MedNeXtMember:
         mirror_axes = (0, 1, 2) if self.use_mirroring else ()
         summed: np.ndarray | None = None
         for index, fold in enumerate(self.checkpoints, start=1):
-            say(f"{self.name}: fold {fold} ({index}/{len(self.checkpoints)})")
+            say(f"fold {fold} ({index}/{len(self.checkpoints)})")
             network = self.load_network(fold, device)
             softmax = with_cpu_results_on_oom(
                 lambda on_device: predict_sliding_window(
@@ -775,7 +775,7 @@ class MedNeXtMember:
             del network
         assert summed is not None
         mean = summed / len(self.checkpoints)
-        say(f"{self.name}: back to the case grid")
+        say("back to the case grid")
         array = probabilities_to_case_grid(mean, pre, self.prep, background_channel=0)
         return Probabilities(array=array, labels=self._labels)
 

@@ -508,17 +508,17 @@ class SlidingWindowMember:
         device = torch.device(device)
         say = report or (lambda _message: None)
         ensure_roles_available(self._roles, case.roles, f"model {self.name}", f"case {case.case_id}")
-        say(f"{self.name}: preprocessing")
+        say("preprocessing")
         images = case.stacked(self._roles)
         if tuple(images.shape[1:]) != tuple(case.shape_zyx):
             raise InputError(f"case {case.case_id}: images of shape {images.shape[1:]} do not match the case grid "
                              f"{tuple(case.shape_zyx)}.")
         prepared = prepare_input(images, case.spacing_zyx, self.settings)
         del images
-        say(f"{self.name}: loading {self.path.name}")
+        say(f"loading {self.path.name}")
         network = self.load_network(device)
         predictor = WindowPredictor(network, len(self.channels), mirror_dims(self.settings.mirroring), self.where)
-        say(f"{self.name}: sliding window on {device}")
+        say(f"sliding window on {device}")
 
         def attempt(results_on_device: bool) -> torch.Tensor:
             results_device = device if results_on_device else torch.device("cpu")
@@ -535,7 +535,7 @@ class SlidingWindowMember:
                 f"its {len(self._roles)} input channel(s) in order and that roi_size is a size it accepts.") from exc
         finally:
             del network, predictor
-        say(f"{self.name}: back to the case grid")
+        say("back to the case grid")
         array = logits_to_case_grid(logits, prepared, self.activation, self.settings.axis_order)
         if array.shape[1:] != tuple(case.shape_zyx):  # pragma: no cover - guarded by the inverse transforms
             raise ModelError(f"{self.where}: probabilities of shape {array.shape[1:]} do not fit the case grid")
