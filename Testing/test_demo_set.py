@@ -242,6 +242,13 @@ def test_held_out_phantoms_are_written_as_evaluate_reads_them(tmp_path):
     assert image.GetPixelID() == sitk.sitkInt16
 
 
+def test_training_takes_a_gpu_only_where_torch_sees_one():
+    from BraTSEnsembleLib.demo.nnunet_train import resolve_training_device
+
+    assert resolve_training_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_training_device("cpu") == "cpu" and resolve_training_device("cuda") == "cuda"
+
+
 def test_v1_plans_refuse_what_nnunet_v1_cannot_express():
     from BraTSEnsembleLib.demo.v1_export import v1_plans_from_v2
 

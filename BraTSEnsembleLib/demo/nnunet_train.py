@@ -124,10 +124,21 @@ def plan_and_preprocess(work: Path, dataset_id: int, name: str, seeds: Sequence[
     return plans, load_json(str(preprocessed / "dataset.json"))
 
 
+def resolve_training_device(device: str) -> str:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; any other value is returned as given."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def train_fold(plans: dict, dataset_json: dict, fold: str, epochs: int, iterations: int,
-               trainer_class: type | None = None, seed: int | None = None, resumable: bool = False) -> Path:
-    """Train one fold ('0', '1' … or 'all') on CPU with ``trainer_class`` (default ``nnUNetTrainer``) for
-    ``epochs`` × ``iterations``; return the results folder. ``seed`` seeds torch, numpy and random first (nnU-Net's
+               trainer_class: type | None = None, seed: int | None = None, resumable: bool = False,
+               device: str = "cpu") -> Path:
+    """Train one fold ('0', '1' … or 'all') on ``device`` (``cpu``, ``cuda``, or ``auto``: CUDA when torch sees
+    a GPU) with ``trainer_class`` (default ``nnUNetTrainer``) for ``epochs`` × ``iterations``; return the results
+    folder. ``seed`` seeds torch, numpy and random first (nnU-Net's
     single-threaded data loading and augmentation draw from those), so a run is repeatable.
 
     ``resumable``: nnU-Net writes ``checkpoint_latest.pth`` after every epoch (instead of every 50), and a
@@ -148,7 +159,7 @@ def train_fold(plans: dict, dataset_json: dict, fold: str, epochs: int, iteratio
     # what nnunetv2.run.run_training passes for a fresh training (the trainer pops it from the dict)
     fold_plans = {**plans, "continue_training": False}
     trainer = trainer_class(fold_plans, "3d_fullres", fold if fold == "all" else int(fold), dataset_json,
-                            device=torch.device("cpu"))
+                            device=torch.device(resolve_training_device(device)))
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = max(1, iterations // 4)

@@ -27,6 +27,8 @@ say. The shipped checkpoints leave out the optimiser state (needed only to resum
 trained on fold 0 of nnU-Net's 5-fold split of the 40 training phantoms (``TRAINING``: seeds 100–139; 20 with
 one large tumour, 10 multifocal, 10 with small lesions), 20 epochs × 20 iterations.
 
+Members train on a GPU when torch sees one (``--device auto``, the default), otherwise on the CPU.
+
 ``--held-out`` writes the held-out evaluation phantoms instead (``HELD_OUT``, never used for training; see the
 README for the evaluation). ``--work DIR`` keeps nnU-Net's work folder: a finished member there is reused and an
 interrupted one is continued.
@@ -160,7 +162,7 @@ def _trainer_class(name: str) -> type:
     return getattr(trainers, name)
 
 
-def _train_member(work: Path, plan: MemberPlan, plans: dict, dataset_json: dict) -> Path:
+def _train_member(work: Path, plan: MemberPlan, plans: dict, dataset_json: dict, device: str = "auto") -> Path:
     """Train one member in ``work`` unless an earlier run with the same settings finished there (then it is reused)
     or was interrupted (then it is continued from its last epoch); returns the v2 results folder."""
     from .nnunet_train import train_fold
@@ -180,7 +182,7 @@ def _train_member(work: Path, plan: MemberPlan, plans: dict, dataset_json: dict)
         stamp.write_text(json.dumps(settings))
     started = time.perf_counter()
     trained = train_fold(plans, dataset_json, str(FOLD), plan.epochs, plan.iterations, _trainer_class(plan.trainer),
-                         seed=plan.seed, resumable=True)
+                         seed=plan.seed, resumable=True, device=device)
     print(f"  {plan.name}: trained in {time.perf_counter() - started:.0f} s", flush=True)
     return trained
 
@@ -218,9 +220,10 @@ def write_manifest(models_dir: Path, folders: dict[str, Path]) -> Path:
     return path
 
 
-def train_demo_set(out_dir: Path, work: Path, members: Sequence[str] | None = None) -> Path:
-    """Plan, preprocess, train every member, write ``out_dir/models`` (folders + manifest); returns the manifest."""
-    from .nnunet_train import plan_and_preprocess, set_nnunet_folders
+def train_demo_set(out_dir: Path, work: Path, members: Sequence[str] | None = None, device: str = "auto") -> Path:
+    """Plan, preprocess, train every member on ``device`` (``auto``: a GPU when torch sees one, else the CPU), write
+    ``out_dir/models`` (folders + manifest); returns the manifest."""
+    from .nnunet_train import plan_and_preprocess, resolve_training_device, set_nnunet_folders
 
     set_nnunet_folders(work)  # before nnunetv2 is imported anywhere
     import torch
@@ -241,9 +244,10 @@ def train_demo_set(out_dir: Path, work: Path, members: Sequence[str] | None = No
     for plan in MEMBERS:
         if members and plan.name not in members:
             continue
-        print(f"Training {plan.name} ({plan.trainer}, {plan.epochs} epochs × {plan.iterations} iterations) …",
+        print(f"Training {plan.name} ({plan.trainer}, {plan.epochs} epochs × {plan.iterations} iterations) on "
+              f"{resolve_training_device(device)} …",
               flush=True)
-        results = _train_member(work, plan, plans, dataset_json)
+        results = _train_member(work, plan, plans, dataset_json, device)
         for old in models_dir.glob(f"{plan.trainer}__*"):
             shutil.rmtree(old)
         if plan.framework == "mednext":
@@ -268,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--members", default=None,
                         help=f"comma-separated subset of {','.join(p.name for p in MEMBERS)} to train; the "
                              "others must already be in OUT_DIR/models")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where to train: auto (default: a GPU when torch sees one, else the CPU), cpu or cuda")
     parser.add_argument("--case-only", action="store_true", help="only write the demo case")
     parser.add_argument("--held-out", action="store_true",
                         help=f"only write the {len(HELD_OUT)} held-out evaluation phantoms (seeds "
@@ -297,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="brats-demo-train-"))
     try:
-        manifest = train_demo_set(out_dir, work, members)
+        manifest = train_demo_set(out_dir, work, members, args.device)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
