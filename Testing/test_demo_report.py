@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from BraTSEnsembleLib.demo.phantom import make_phantom
-from BraTSEnsembleLib.demo.report import DPI, FIGURE_SIZE_IN, member_agreement, tumour_centre, write_report
+from BraTSEnsembleLib.demo.report import DPI, FIGURE_SIZE_IN, tumour_centre, write_report
 from BraTSEnsembleLib.labels import ET, REGIONS, SNFH, region_mask
 from BraTSEnsembleLib.stats import region_statistics
+from BraTSEnsembleLib.uncertainty import member_agreement
 
 SHAPE = (48, 56, 48)
 EXPECTED_SIZE = (int(FIGURE_SIZE_IN[1] * DPI), int(FIGURE_SIZE_IN[0] * DPI))  # (height, width) in pixels

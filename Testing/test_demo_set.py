@@ -3,7 +3,6 @@ a held-out phantom, and ``brats-ensemble demo`` end to end (no training anywhere
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from BraTSEnsembleLib import demo, process
 from BraTSEnsembleLib.case import case_from_images
 from BraTSEnsembleLib.checkpoints import load_checkpoint, load_plain_pickle
 from BraTSEnsembleLib.demo import train as demo_train
+from BraTSEnsembleLib.downloads import file_sha256
 from BraTSEnsembleLib.demo.phantom import LAYOUTS, make_phantom
 from BraTSEnsembleLib.labels import region_mask
 from BraTSEnsembleLib.modelset import load_model_set
@@ -41,10 +41,6 @@ MAX_SHIPPED_BYTES = 15_000_000
 def shipped_files() -> list[Path]:
     return sorted(p for folder in (demo.CASE_DIR, demo.MODELS_DIR) for p in folder.rglob("*") if p.is_file()
                   and "__pycache__" not in p.parts)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def int16_case(seed: int, case_id: str, layout: str = "standard"):
@@ -103,7 +99,7 @@ def test_shipped_case_is_what_the_generator_makes_from_its_seed():
     phantom = make_phantom(info["seed"], shape=tuple(info["grid_zyx"]), case_id=info["case_id"])
     for role, entry in info["files"].items():
         path = demo.CASE_DIR / entry["file"]
-        assert sha256(path) == entry["sha256"], f"{path} changed without case.json"
+        assert file_sha256(path) == entry["sha256"], f"{path} changed without case.json"
         image = sitk.ReadImage(str(path))
         assert image.GetSize() == (160, 192, 160) and image.GetSpacing() == (1.0, 1.0, 1.0)
         array = sitk.GetArrayFromImage(image)
@@ -128,7 +124,7 @@ def test_sample_data_source_describes_the_shipped_files_for_slicer():
         parsed = urlparse(uri)
         path = Path(unquote(parsed.path))
         assert parsed.scheme == "file" and path.name == name and path.is_file()
-        assert checksum == f"SHA256:{sha256(path)}"
+        assert checksum == f"SHA256:{file_sha256(path)}"
     # the module's role auto-assignment recognises the loaded volume nodes by their names
     volumes = {f"vtkMRMLScalarVolumeNode{i}": n for i, n in enumerate(source["nodeNames"][:4])}
     assigned = process.auto_assign_volumes(volumes).assigned

@@ -74,11 +74,10 @@ def _ellipsoid(grid: tuple[np.ndarray, ...], centre: np.ndarray, radii: np.ndarr
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int],
-                  scale: float | tuple[float, float, float]) -> np.ndarray:
-    """Low-frequency random field in [-1, 1] (for lumpy tumour borders and bias fields); ``scale`` is the size of
-    its lumps in voxels, one value or one per (z, y, x) axis."""
-    scales = scale if isinstance(scale, tuple) else (scale,) * len(shape)
-    coarse = rng.standard_normal(tuple(max(2, int(s / c)) for s, c in zip(shape, scales))).astype(np.float32)
+                  lump_voxels: tuple[float, float, float]) -> np.ndarray:
+    """Low-frequency random field in [-1, 1] (for lumpy tumour borders and bias fields); ``lump_voxels`` is the size
+    of its lumps in voxels per (z, y, x) axis."""
+    coarse = rng.standard_normal(tuple(max(2, int(s / c)) for s, c in zip(shape, lump_voxels))).astype(np.float32)
     image = sitk.GetImageFromArray(coarse)
     resampled = sitk.Resample(
         image, [s for s in reversed(shape)], sitk.Transform(), sitk.sitkBSpline,
@@ -185,8 +184,6 @@ def _separate_position(rng: np.random.Generator, centre: np.ndarray, brain_radii
     return best
 
 
-def _voxels(size_mm: float, step_zyx: tuple[float, ...]) -> float | tuple[float, float, float]:
-    """A length in mm as voxels per (z, y, x) axis; a plain number at 1 mm (the historical behaviour)."""
-    if all(d == 1.0 for d in step_zyx):
-        return size_mm
+def _voxels(size_mm: float, step_zyx: tuple[float, ...]) -> tuple[float, float, float]:
+    """A length in mm as voxels per (z, y, x) axis."""
     return tuple(size_mm / d for d in step_zyx)  # type: ignore[return-value]

@@ -55,21 +55,6 @@ def tumour_centre(labels: np.ndarray) -> tuple[tuple[int, int, int], bool]:
     return tuple(int(round(c)) for c in centre), True  # type: ignore[return-value]
 
 
-def member_agreement(member_labels: Mapping[str, np.ndarray], fused_labels: np.ndarray,
-                     regions: Sequence[str] = ("WT", "TC", "ET")) -> dict[str, dict[str, float]]:
-    """``{member: {region: Dice}}`` of each member's own label map with the fused labels (1.0 when both are empty),
-    the table that :func:`write_report` shows as the agreement of each model with the ensemble."""
-    table: dict[str, dict[str, float]] = {}
-    for name, labels in member_labels.items():
-        scores = {}
-        for region in regions:
-            a, b = region_mask(labels, region), region_mask(fused_labels, region)
-            total = int(a.sum()) + int(b.sum())
-            scores[region] = 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-        table[name] = scores
-    return table
-
-
 def _slice(volume: np.ndarray, view: str, centre: Sequence[int]) -> np.ndarray:
     """A 2-D slice, rows top to bottom as displayed: axial (y, x); coronal and sagittal with superior (high z) up."""
     z, y, x = centre

@@ -49,12 +49,6 @@ def demo_cache_dir() -> Path:
     return default_cache_dir() / "demo"
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two masks (1 when both are empty)."""
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
 def result_files(result_dir: Path, case_id: str) -> dict[str, Path]:
     """Every file the demo writes for ``case_id`` in ``result_dir``, by kind."""
     return {"labels": result_dir / f"{case_id}.nii.gz", "statistics": result_dir / f"{case_id}.json",
@@ -136,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if code != 0:
         return code
 
-    from ..labels import region_mask
     from ..segmentation import label_file_to_seg_nrrd, write_statistics_csv
+    from ..uncertainty import region_dice
     from .report import write_report
 
     labels, spacing = _array(files["labels"])
@@ -147,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_statistics_csv(summary, files["table"])
     members = summary.get("members", [])
     frameworks = " + ".join(FRAMEWORK_TITLES.get(m.get("framework"), str(m.get("framework"))) for m in members)
-    scores = {r: dice(region_mask(labels, r), region_mask(truth, r)) for r in DICE_REGIONS}
+    scores = {r: region_dice(labels, truth, r) for r in DICE_REGIONS}
     dice_text = "Dice against the phantom's ground truth: " + ", ".join(f"{r} {v:.3f}" for r, v in scores.items())
     images = {role: _array(case_dir / info["files"][role]["file"])[0] for role in ("t1c", "t2f")}
     write_report(images, labels, spacing, summary, agreement_table(summary), files["report"],

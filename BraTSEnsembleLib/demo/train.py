@@ -39,7 +39,6 @@ the software; they know nothing about real tumours. Never use them on patient da
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -49,6 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..downloads import file_sha256
 from .phantom import ROLES, make_phantom
 
 #: The "Total time" this script printed on the 2-core development machine (at times shared with test runs) for
@@ -102,15 +102,6 @@ MEMBERS: tuple[MemberPlan, ...] = (
 )
 
 
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_demo_case(folder: Path) -> Path:
     """Write the demo case into ``folder`` (files directly in it) and ``case.json``; returns ``folder``."""
     phantom = make_phantom(DEMO_CASE_SEED, shape=DEMO_CASE_SHAPE, case_id=DEMO_CASE_ID)
@@ -126,7 +117,7 @@ def write_demo_case(folder: Path) -> Path:
         "seed": DEMO_CASE_SEED,
         "grid_zyx": list(DEMO_CASE_SHAPE),
         "spacing_mm": list(phantom.spacing),
-        "files": {role: {"file": name, "sha256": sha256_of(folder / name)} for role, name in files.items()},
+        "files": {role: {"file": name, "sha256": file_sha256(folder / name)} for role, name in files.items()},
     }
     (folder / CASE_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return folder
