@@ -242,7 +242,7 @@ def _read_manifest(path: Path) -> tuple[Any, str]:
         return json.loads(raw.decode("utf-8")), hashlib.sha256(raw).hexdigest()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: not valid JSON ({exc}). A model-set manifest is a JSON object with a "
-                         "\"members\" list; see the README's model-set section.") from exc
+                         "\"members\" list; see docs/model-sets.md.") from exc
 
 
 def _folds(check: _Checker, value: Any, where: str) -> list[str] | None:

@@ -1,4 +1,4 @@
-"""The bad-input matrix (README "Bad input"): every row through the real ``brats-ensemble`` command line.
+"""The bad-input matrix (docs/bad-input.md): every row through the real ``brats-ensemble`` command line.
 
 A refusal row checks four things (:func:`assert_refused`):
 

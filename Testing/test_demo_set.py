@@ -29,7 +29,7 @@ from BraTSEnsembleLib.uncertainty import region_dice
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / "BraTSEnsembleLib" / "demo"
-#: The held-out phantoms of the quality test (the first of each layout among the README's held-out phantoms) and the
+#: The held-out phantoms of the quality test (the first of each layout among docs/demo.md's held-out phantoms) and the
 #: bar each must clear.
 HELD_OUT_FIRSTS: tuple[tuple[int, str], ...] = tuple(
     next(item for item in demo_train.HELD_OUT if item[1] == layout) for layout in LAYOUTS)

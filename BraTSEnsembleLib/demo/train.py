@@ -30,7 +30,7 @@ one large tumour, 10 multifocal, 10 with small lesions), 20 epochs × 20 iterati
 Members train on a GPU when torch sees one (``--device auto``, the default), otherwise on the CPU.
 
 ``--held-out`` writes the held-out evaluation phantoms instead (``HELD_OUT``, never used for training; see the
-README for the evaluation). ``--work DIR`` keeps nnU-Net's work folder: a finished member there is reused and an
+docs/demo.md for the evaluation). ``--work DIR`` keeps nnU-Net's work folder: a finished member there is reused and an
 interrupted one is continued.
 
 Run time: see ``MEASURED_RUN_TIME``. These models are trained on synthetic phantoms for minutes. They demonstrate
@@ -61,7 +61,7 @@ TRAINING: tuple[tuple[int, str], ...] = (tuple((seed, "standard") for seed in ra
                                          + tuple((seed, "multifocal") for seed in range(120, 130))
                                          + tuple((seed, "small") for seed in range(130, 140)))
 TRAIN_SEEDS: tuple[int, ...] = tuple(seed for seed, _ in TRAINING)
-#: The held-out phantoms of the README's evaluation and the tests, (seed, layout): 10 standard, 5 multifocal and
+#: The held-out phantoms of the evaluation in docs/demo.md and the tests, (seed, layout): 10 standard, 5 multifocal and
 #: 5 with small lesions (see :func:`~BraTSEnsembleLib.demo.phantom.make_phantom`); never used for training.
 HELD_OUT: tuple[tuple[int, str], ...] = (tuple((seed, "standard") for seed in range(5000, 5010))
                                          + tuple((seed, "multifocal") for seed in range(5010, 5015))
