@@ -73,6 +73,10 @@ class CoreApplication:
             logic.SetMRMLScene(self.scene)
             self.applicationLogic.SetModuleLogic(name, logic)
             self.moduleLogics[name] = logic
+        if self.applicationLogic.GetInteractionNode() is None:  # Slicer's application makes the singleton
+            interaction = slicer.vtkMRMLInteractionNode()
+            interaction.SetSingletonTag("Singleton")
+            self.scene.AddNode(interaction)
         self.layoutLogic = slicer.vtkMRMLLayoutLogic()
         self.layoutLogic.SetMRMLScene(self.scene)
         self.layoutNode = self.layoutLogic.GetLayoutNode()
@@ -85,7 +89,10 @@ class CoreApplication:
             sliceLogic = slicer.vtkMRMLSliceLogic()
             sliceLogic.SetMRMLApplicationLogic(self.applicationLogic)
             sliceLogic.SetMRMLScene(self.scene)
-            sliceLogic.AddSliceNode(name)
+            # the layout's slice node for this view, as qMRMLSliceControllerWidget gives it to its slice logic
+            sliceNode = self.scene.GetSingletonNode(name, "vtkMRMLSliceNode")
+            assert sliceNode is not None, f"the layout logic made no {name} slice node"
+            sliceLogic.SetSliceNode(sliceNode)
             self.applicationLogic.GetSliceLogics().AddItem(sliceLogic)
             self.sliceLogics[name] = sliceLogic
 
