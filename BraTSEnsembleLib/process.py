@@ -561,6 +561,43 @@ def find_demo(library_dir: str | Path, environ: Mapping[str, str] | None = None)
 # ----------------------------------------------------------------------------------------------------------------
 # Dependencies inside Slicer
 
+#: Imports the module needs inside Slicer's Python (module name → pip package name), checked before the first run.
+#: The CLI needs them all, and Slicer's own process imports most of them too: ``finishSegmentation`` reads the label
+#: map (``case.read_image`` checks NIfTI voxels with nibabel) to write the ``.seg.nrrd``, and "Add from recipe"
+#: imports the model-set code (scipy through the MedNeXt member).
+REQUIRED_IMPORTS: dict[str, str] = {
+    "torch": "torch", "nnunetv2": "nnunetv2", "cc3d": "connected-components-3d", "slicerio": "slicerio",
+    "SimpleITK": "SimpleITK", "numpy": "numpy", "monai": "monai", "nibabel": "nibabel", "scipy": "scipy",
+    "tqdm": "tqdm",
+}
+
+#: The oldest Python the library runs on (pyproject.toml ``requires-python``; nnunetv2 2.8 and monai 1.6 need it too)
+#: and the oldest Slicer release that ships such a Python (Slicer 5.6 and 5.8 ship Python 3.9; 5.10 ships 3.12).
+MINIMUM_PYTHON: tuple[int, int] = (3, 10)
+MINIMUM_SLICER = "5.10"
+
+
+def missing_imports(find_spec=None) -> list[str]:
+    """Pip names of the :data:`REQUIRED_IMPORTS` that this Python cannot import."""
+    import importlib.util
+
+    find = find_spec or importlib.util.find_spec
+    return [pip_name for module, pip_name in REQUIRED_IMPORTS.items() if find(module) is None]
+
+
+def python_version_problem(version_info: Sequence[int] | None = None) -> str | None:
+    """None when this Python can run the library, else what to do: the dependency installer asks this first, because
+    on an older Slicer ``pip install`` would fail deep inside a package's metadata with no useful message."""
+    version = tuple(version_info or sys.version_info)[:2]
+    if version >= MINIMUM_PYTHON:
+        return None
+    have = ".".join(str(v) for v in version)
+    need = ".".join(str(v) for v in MINIMUM_PYTHON)
+    return (f"BraTS Ensemble needs 3D Slicer {MINIMUM_SLICER} or later: its Python packages (nnunetv2, monai) need "
+            f"Python {need} or later, and this Slicer runs Python {have}. Install Slicer {MINIMUM_SLICER} or later "
+            "from download.slicer.org, then install the BraTSEnsemble extension there; nothing was installed.")
+
+
 # Packages that Slicer ships or installs its own way; never let pip replace them.
 SLICER_PROVIDED: tuple[str, ...] = ("numpy", "simpleitk", "torch", "torchvision", "requests", "vtk")
 

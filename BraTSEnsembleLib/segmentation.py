@@ -8,9 +8,13 @@ Label values in the file are the BraTS 2023 ones (1 NETC, 2 SNFH, 3 ET, 4 RC), s
 ``.seg.nrrd`` is the BraTS label map itself. The derived regions TC and WT overlap the others and, when asked for,
 are stored in extra layers (a 4-D ``.seg.nrrd``, as Slicer stores overlapping segments).
 
-Terminology: codes from Slicer's "DICOM master list" (SNOMED CT): Necrosis for NETC, Edema for SNFH, Neoplasm for
+Terminology: SNOMED CT codes as in Slicer's "DICOM master list": Necrosis for NETC, Edema for SNFH, Neoplasm for
 ET/TC/WT, anatomic region Brain. No standard code separates enhancing tumour, tumour core and whole tumour, so these
-carry a private type modifier (coding scheme ``99BRATS``), as DICOM allows for private codes.
+carry a private type modifier (coding scheme ``99BRATS``), as DICOM allows for private codes. Because of those private
+modifiers the entries name the project's own terminology context (:data:`CATEGORY_CONTEXT`), which
+:func:`terminology_context` writes in Slicer's ``.term.json`` format; the Slicer module ships it as
+``BraTSEnsemble/Resources/SegmentationCategoryTypeModifier-BraTSEnsemble.term.json`` and loads it into Slicer's
+Terminologies logic, so every segment's entry resolves there (codes, names and colours).
 """
 from __future__ import annotations
 
@@ -25,7 +29,10 @@ from . import labels as L
 from .case import _atomic_write, write_csv
 from .errors import InputError
 
-CATEGORY_CONTEXT = "Segmentation category and type - DICOM master list"
+#: The project's own terminology context (the ``.term.json`` the Slicer module ships and loads).
+CATEGORY_CONTEXT = "Segmentation category and type - BraTS Ensemble"
+TERMINOLOGY_FILE_NAME = "SegmentationCategoryTypeModifier-BraTSEnsemble.term.json"
+TERMINOLOGY_SCHEMA = "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 MORPHOLOGICALLY_ALTERED = ["SCT", "49755003", "Morphologically Altered Structure"]
 BRAIN = ["SCT", "12738006", "Brain"]
@@ -117,6 +124,34 @@ def segment_specs(include_derived: bool = False, include_rc: bool = False) -> li
     """Segments the module creates: ET, NETC, SNFH (+ RC when the model has it, + TC, WT when asked for)."""
     regions = list(BASE_REGIONS) + (["RC"] if include_rc else []) + (list(DERIVED_REGIONS) if include_derived else [])
     return [segment_spec(r) for r in regions]
+
+
+def _coded(code: Sequence[str], region: str | None = None) -> dict[str, Any]:
+    scheme, value, meaning = code
+    entry: dict[str, Any] = {"CodingSchemeDesignator": scheme, "CodeValue": value, "CodeMeaning": meaning}
+    if region is not None:
+        entry["recommendedDisplayRGBValue"] = [int(round(255 * c)) for c in L.REGIONS[region].color]
+    return entry
+
+
+def terminology_context() -> dict[str, Any]:
+    """The project's terminology context as a Slicer ``.term.json`` document (dcmqi segment-context schema).
+
+    One category (Morphologically Altered Structure) whose types are the codes :func:`terminology_entry` uses:
+    Neoplasm with the private modifiers ET, TC and WT, Necrosis (NETC), Edema (SNFH) and the private resection
+    cavity; each with the region's colour. Written from the same tables as the segments, so the two cannot drift.
+    """
+    types: dict[tuple[str, ...], dict[str, Any]] = {}
+    for region in STATISTICS_REGIONS:
+        type_code, modifier = _TERMINOLOGY_CODES[region]
+        if modifier is None:
+            types[tuple(type_code)] = _coded(type_code, region)
+        else:
+            entry = types.setdefault(tuple(type_code), _coded(type_code))
+            entry.setdefault("Modifier", []).append(_coded(modifier, region))
+    category = {**_coded(MORPHOLOGICALLY_ALTERED), "showAnatomy": True, "Type": list(types.values())}
+    return {"SegmentationCategoryTypeContextName": CATEGORY_CONTEXT, "@schema": TERMINOLOGY_SCHEMA,
+            "SegmentationCodes": {"Category": [category]}}
 
 
 # ----------------------------------------------------------------------------------------------------------------

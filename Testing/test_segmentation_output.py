@@ -63,8 +63,10 @@ def test_derived_regions_only_when_asked_and_rc_when_present():
      ("WT", "108369006", "WT")],
 )
 def test_terminology_uses_snomed_codes_of_slicers_dicom_master_list(region, type_code, modifier):
+    """The SNOMED CT codes of Slicer's DICOM master list, in the project's own context (the private ET/TC/WT
+    modifiers are not in the master list; Testing/test_slicer_mrml.py resolves them in the shipped .term.json)."""
     entry = segmentation.terminology_entry(region)
-    assert entry["contextName"] == "Segmentation category and type - DICOM master list"
+    assert entry["contextName"] == "Segmentation category and type - BraTS Ensemble"
     assert entry["category"] == ["SCT", "49755003", "Morphologically Altered Structure"]
     assert entry["type"][:2] == ["SCT", type_code]
     assert entry["anatomicRegion"] == ["SCT", "12738006", "Brain"]

@@ -33,6 +33,9 @@ from BraTSEnsembleLib import process, roles
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "BraTSEnsemble"
 MODULE_PY = MODULE_DIR / "BraTSEnsemble.py"
+MODULE_PACKAGE = MODULE_DIR / "BraTSEnsembleModule"
+WIDGET_PY = MODULE_PACKAGE / "widget.py"
+PARAMETERS_PY = MODULE_PACKAGE / "parameters.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "BraTSEnsemble.ui"
 LIB_DIR = ROOT / "BraTSEnsembleLib"
 API_LIST = ROOT / "Testing" / "data" / "slicer_util_api.txt"
@@ -55,8 +58,14 @@ QT_STAND_INS = {
 }
 
 
+def module_files() -> list[Path]:
+    """The module file and its package's files."""
+    return [MODULE_PY] + sorted(MODULE_PACKAGE.glob("*.py"))
+
+
 def module_source() -> str:
-    return MODULE_PY.read_text(encoding="utf-8")
+    """All of the module's Python source (module file and package)."""
+    return "\n".join(path.read_text(encoding="utf-8") for path in module_files())
 
 
 # ================================================================================================ roles and inputs
@@ -402,39 +411,51 @@ def test_list_case_folders(tmp_path):
 # ================================================================================================ module script
 
 
-def module_tree() -> ast.Module:
-    return ast.parse(module_source(), filename=str(MODULE_PY))
+def module_tree(path: Path = MODULE_PY) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
-def module_constant(name: str):
-    for node in module_tree().body:
+def module_constant(name: str, path: Path = PARAMETERS_PY):
+    for node in module_tree(path).body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
             return ast.literal_eval(node.value)
     raise KeyError(name)
 
 
 def test_module_compiles(tmp_path):
-    py_compile.compile(str(MODULE_PY), cfile=str(tmp_path / "m.pyc"), doraise=True)
+    for path in module_files():
+        py_compile.compile(str(path), cfile=str(tmp_path / "m.pyc"), doraise=True)
+
+
+def classes_in(path: Path) -> dict[str, list[str]]:
+    return {n.name: [ast.unparse(b) for b in n.bases] for n in module_tree(path).body if isinstance(n, ast.ClassDef)}
 
 
 def test_module_has_the_classes_slicer_expects():
-    classes = {n.name: [ast.unparse(b) for b in n.bases] for n in module_tree().body if isinstance(n, ast.ClassDef)}
+    """Slicer looks up BraTSEnsemble, BraTSEnsembleWidget, BraTSEnsembleLogic and BraTSEnsembleTest in the module
+    file; the widget and the logic are imported there from the package (SlicerNNUnet's split)."""
+    classes = classes_in(MODULE_PY)
     assert classes["BraTSEnsemble"] == ["ScriptedLoadableModule"]
-    assert classes["BraTSEnsembleWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
-    assert classes["BraTSEnsembleLogic"] == ["ScriptedLoadableModuleLogic"]
     assert classes["BraTSEnsembleTest"] == ["ScriptedLoadableModuleTest"]
-    assert "BraTSEnsembleParameterNode" in classes
+    imported = {alias.asname or alias.name for node in module_tree().body if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    assert {"BraTSEnsembleWidget", "BraTSEnsembleLogic"} <= imported
+    assert classes_in(WIDGET_PY)["BraTSEnsembleWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
+    assert classes_in(MODULE_PACKAGE / "application.py")["BraTSEnsembleLogic"] == ["SegmentationLogic"]
+    assert classes_in(MODULE_PACKAGE / "logic.py")["SegmentationLogic"] == []
+    assert "BraTSEnsembleParameterNode" in classes_in(PARAMETERS_PY)
     source = module_source()
     assert 'self.parent.title = _("' in source and "translate(\"qSlicerAbstractCoreModule\"" in source
     assert not re.search(r"^\s*import imp\b", source, re.M)
 
 
-def test_module_uses_no_undefined_names():
-    """A crude pyflakes: every name the module reads is bound somewhere in it, imported, or a builtin."""
+@pytest.mark.parametrize("path", module_files(), ids=lambda p: p.name)
+def test_module_uses_no_undefined_names(path):
+    """A crude pyflakes: every name a module file reads is bound somewhere in it, imported, or a builtin."""
     import builtins
 
     defined = set(dir(builtins)) | {"__file__"}
-    tree = module_tree()
+    tree = module_tree(path)
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             defined.add(node.name)
@@ -462,11 +483,11 @@ def test_module_choices_match_the_cli():
     assert module_constant("DEVICE_CHOICES") == list(process.DEVICES)
     assert set(module_constant("POSTPROCESS_CHOICES")) == set(process.POSTPROCESS_RULES) | {"default"}
     assert module_constant("CHECKPOINT_CHOICES") == list(process.CHECKPOINTS)
-    assert module_constant("ROLES") == roles.BRATS_ROLES
+    assert module_constant("ROLES", MODULE_PACKAGE / "__init__.py") == roles.BRATS_ROLES
 
 
 def parameter_node_fields() -> dict[str, str]:
-    for node in module_tree().body:
+    for node in module_tree(PARAMETERS_PY).body:
         if isinstance(node, ast.ClassDef) and node.name == "BraTSEnsembleParameterNode":
             assert [ast.unparse(d) for d in node.decorator_list] == ["parameterNodeWrapper"]
             return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
@@ -669,7 +690,7 @@ def test_top_level_cmake_has_complete_extension_metadata():
     assert cmake_set(text, "EXTENSION_DEPENDS") == ['"PyTorch"']
     assert cmake_set(text, "EXTENSION_ICONURL")[0].strip('"').endswith("Resources/BraTSEnsemble.png")
     assert cmake_set(text, "EXTENSION_SCREENSHOTURLS")[0].strip('"').endswith("Resources/Screenshots/panel.png")
-    order = ["project(BraTSEnsemble)", "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
+    order = ["project(BraTSEnsemble)", "find_package(Slicer 5.10 REQUIRED)", "include(${Slicer_USE_FILE})",
              "add_subdirectory(BraTSEnsemble)", "## NEXT_MODULE", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
              "include(${Slicer_EXTENSION_CPACK})"]
     positions = [text.index(item) for item in order]
@@ -691,7 +712,13 @@ def test_module_cmake_lists_every_library_file_and_existing_resources():
                         if p.is_file() and p.suffix not in (".py", ".pyc") and not p.name.startswith(".")
                         and "__pycache__" not in p.parts)
     assert sorted(cmake_set(text, "BRATSENSEMBLE_LIB_DATA")) == data_files
-    assert "${MODULE_NAME}.py" in cmake_set(text, "MODULE_PYTHON_SCRIPTS")
+    assert cmake_set(text, "MODULE_PYTHON_SCRIPTS")[:2] == ["${MODULE_NAME}.py", "${MODULE_PACKAGE_SCRIPTS}"]
+    listed_package = cmake_set(text, "MODULE_PACKAGE_SCRIPTS")
+    actual_package = sorted(p.relative_to(MODULE_DIR).as_posix() for p in MODULE_PACKAGE.glob("*.py"))
+    assert listed_package == actual_package, "list the module package's files in MODULE_PACKAGE_SCRIPTS"
+    resources = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
+    listed_resources = {r.replace("${MODULE_NAME}", "BraTSEnsemble") for r in cmake_set(text, "MODULE_PYTHON_RESOURCES")}
+    assert listed_resources == resources, "list every file of BraTSEnsemble/Resources in MODULE_PYTHON_RESOURCES"
     assert cmake_set(text, "MODULE_NAME") == ["BraTSEnsemble"]
     for resource in cmake_set(text, "MODULE_PYTHON_RESOURCES"):
         assert (MODULE_DIR / resource.replace("${MODULE_NAME}", "BraTSEnsemble")).is_file(), resource
@@ -718,3 +745,110 @@ def test_extensions_index_entry():
     assert entry["build_dependencies"] == cmake_set(cmake, "EXTENSION_DEPENDS")[0].strip('"').split()
     assert cmake_set(cmake, "EXTENSION_HOMEPAGE")[0].strip('"').startswith(entry["scm_url"])
     assert isinstance(entry["tier"], int) and 1 <= entry["tier"] <= 5
+
+
+# ================================================================================================ what Slicer's Python needs
+
+
+def _library_modules_imported_in_slicers_process() -> set[Path]:
+    """Library files the module imports inside Slicer's own process (not the CLI's): those the module package names,
+    and everything they import in turn (module-level and function-level imports)."""
+    def library_targets(tree: ast.AST, path: Path) -> set[Path]:
+        targets = set()
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                    node.module.startswith("BraTSEnsembleLib"):
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level > 0 and path.is_relative_to(LIB_DIR):
+                base = path.parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+                prefix = ".".join(base.relative_to(ROOT).parts)
+                module = f"{prefix}.{node.module}" if node.module else prefix
+                names = [module] + [f"{module}.{a.name}" for a in node.names]
+            for name in names:
+                candidate = ROOT.joinpath(*name.split("."))
+                for file in (candidate.with_suffix(".py"), candidate / "__init__.py"):
+                    if file.is_file():
+                        targets.add(file)
+        return targets
+
+    seen: set[Path] = set()
+    todo = set()
+    for path in module_files():
+        todo |= library_targets(module_tree(path), path)
+    todo.add(LIB_DIR / "process.py")  # importLibrary(): process, roles, segmentation
+    todo |= {LIB_DIR / "roles.py", LIB_DIR / "segmentation.py"}
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo |= library_targets(module_tree(path), path) - seen
+    return seen
+
+
+def test_every_package_the_module_imports_in_slicers_python_is_a_required_import():
+    """What the module's own process imports from the library (finishSegmentation reads the label map, writes the
+    .seg.nrrd, ...) must be checked and installed before the first run: nibabel was missing from the list."""
+    files = _library_modules_imported_in_slicers_process()
+    assert LIB_DIR / "case.py" in files and LIB_DIR / "segmentation.py" in files
+    third_party = set()
+    for path in files:
+        tree = module_tree(path)
+        optional = set()  # imports guarded by try/except ImportError or Exception (optional: mamba_ssm)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try) and any(
+                    h.type is not None and any(n in ast.unparse(h.type) for n in ("ImportError", "ModuleNotFound", "Exception"))
+                    for h in node.handlers):
+                optional |= {id(n) for statement in node.body for n in ast.walk(statement)}
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
+            if isinstance(node, ast.Import):
+                third_party |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                third_party.add(node.module.split(".")[0])
+    third_party -= set(sys.stdlib_module_names) | {"BraTSEnsembleLib", "__future__"}
+    assert "nibabel" in third_party
+    assert third_party <= set(process.REQUIRED_IMPORTS), sorted(third_party - set(process.REQUIRED_IMPORTS))
+    requirement_names = {re.split(r"[<>=!~ ;\[]", r, maxsplit=1)[0].lower()
+                         for r in process.project_dependencies((ROOT / "pyproject.toml").read_text())}
+    provided = {"numpy", "simpleitk", "torch"}  # Slicer ships them; torch through the PyTorch extension
+    assert {p.lower() for p in process.REQUIRED_IMPORTS.values()} <= requirement_names | provided
+
+
+def test_missing_imports_names_pip_packages():
+    assert process.missing_imports(lambda module: None if module == "nibabel" else object()) == ["nibabel"]
+    assert process.missing_imports(lambda module: object()) == []
+
+
+# ================================================================================================ minimum Slicer version
+
+
+def test_minimum_python_is_the_projects_and_older_slicers_are_told_what_to_do():
+    requires = re.search(r'requires-python\s*=\s*">=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert tuple(int(v) for v in requires.groups()) == process.MINIMUM_PYTHON
+    assert process.python_version_problem((3, 12, 10)) is None
+    assert process.python_version_problem((3, 10)) is None
+    message = process.python_version_problem((3, 9, 10))  # Slicer 5.6 / 5.8
+    assert "Slicer 5.10 or later" in message and "Python 3.9" in message and "nothing was installed" in message
+
+
+def test_dependency_installer_checks_the_python_version_first():
+    tree = module_tree(MODULE_PACKAGE / "install.py")
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "ensureDependencies")
+    statements = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    first_calls = [ast.unparse(s) for s in statements[:3]]
+    assert "problem = process.python_version_problem()" in first_calls[1]
+    assert ast.unparse(statements[2]).startswith("if problem:\n    raise RuntimeError(problem)")
+
+
+def test_minimum_slicer_version_is_where_slicer_and_the_readers_look():
+    assert process.MINIMUM_SLICER == "5.10"
+    assert "find_package(Slicer 5.10 REQUIRED)" in (ROOT / "CMakeLists.txt").read_text()
+    for doc in (ROOT / "README.md", ROOT / "docs" / "slicer.md"):
+        text = doc.read_text()
+        assert "Slicer 5.10 or later" in text, doc
+        assert "5.6 or later" not in text, doc

@@ -1,0 +1,62 @@
+"""The module's parameter node: its state, typed with Slicer's ``parameterNodeWrapper`` and saved with the scene.
+
+Qt world: ``parameterNodeWrapper`` (and its GUI connectors) exist only in the Slicer application. The node it wraps
+is the logic's ``getParameterNode()`` (a ``vtkMRMLScriptedModuleNode``), which the MRML tests cover.
+"""
+from typing import Annotated
+
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+
+from . import ROLES
+
+DEVICE_CHOICES = ["auto", "cuda", "cpu"]
+POSTPROCESS_CHOICES = ["default", "ratio-adaptive", "min-size", "et-to-netc", "none"]
+CHECKPOINT_CHOICES = ["final", "best"]
+
+
+
+@parameterNodeWrapper
+class BraTSEnsembleParameterNode:
+    """Module state, saved with the scene.
+
+    t1n, t1c, t2w, t2f - input volumes by role.
+    modelPaths - ensemble members: model-set manifests (.json) or nnU-Net results folders.
+    device, postprocess, mirroring, tileStep, folds, checkpoint - inference options.
+    showDerivedRegions - also create TC and WT segments.
+    showUncertainty - also compute the uncertainty map and show it as a heat map over the input.
+    outputSegmentation, outputTable - chosen outputs (None: create new nodes).
+    """
+
+    t1n: vtkMRMLScalarVolumeNode
+    t1c: vtkMRMLScalarVolumeNode
+    t2w: vtkMRMLScalarVolumeNode
+    t2f: vtkMRMLScalarVolumeNode
+    modelPaths: list[str]
+    device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
+    postprocess: Annotated[str, Choice(POSTPROCESS_CHOICES)] = "default"
+    mirroring: bool = True
+    tileStep: Annotated[float, WithinRange(0.1, 1.0)] = 0.5
+    folds: str = ""
+    checkpoint: Annotated[str, Choice(CHECKPOINT_CHOICES)] = "final"
+    showDerivedRegions: bool = False
+    showUncertainty: bool = False
+    outputSegmentation: vtkMRMLSegmentationNode
+    outputTable: vtkMRMLTableNode
+
+    def volumesByRole(self):
+        return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
+
+    def options(self):
+        """Options for :meth:`BraTSEnsembleLogic.segment`/``startSegmentation``."""
+        return {
+            "device": self.device,
+            "postprocess": None if self.postprocess == "default" else self.postprocess,
+            "mirroring": self.mirroring,
+            "tile_step": self.tileStep,
+            "folds": self.folds.strip() or None,
+            "checkpoint": self.checkpoint,
+            "include_derived": self.showDerivedRegions,
+            "save_uncertainty": self.showUncertainty,
+        }
+

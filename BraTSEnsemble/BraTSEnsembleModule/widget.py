@@ -1,0 +1,342 @@
+"""The module's panel: role selectors, model set, options, Apply/Cancel with progress, outputs (Qt world).
+
+State lives in the parameter node (``parameters.py``); everything it does to the scene goes through the logic
+(``application.BraTSEnsembleLogic``, i.e. ``logic.SegmentationLogic``).
+"""
+import logging
+import os
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
+from slicer.util import VTKObservationMixin
+
+from . import ROLES, importLibrary
+from .application import BraTSEnsembleLogic
+
+SETTINGS_LAST_MODEL_DIR = "BraTSEnsemble/LastModelDirectory"
+
+
+class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None
+        self._timer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/BraTSEnsemble.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = BraTSEnsembleLogic()
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.timeout.connect(self._onTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.autoAssignButton.connect("clicked(bool)", self.onAutoAssign)
+        self.ui.resampleButton.connect("clicked(bool)", self.onResample)
+        self.ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
+        self.ui.addModelFileButton.connect("clicked(bool)", self.onAddModelFile)
+        self.ui.addRecipeButton.connect("clicked(bool)", self.onAddFromRecipe)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModels)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.progressBar.setVisible(False)
+
+        self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        """Reload and Test: forget the module's package too, so that its edited files are read again."""
+        import sys
+
+        for name in [n for n in sys.modules if n == "BraTSEnsembleModule" or n.startswith("BraTSEnsembleModule.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    def cleanup(self) -> None:
+        if self._run is not None:
+            self.logic.cancelSegmentation(self._run)
+            self._run = None
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._run is not None:
+            self.onCancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        pn = self._parameterNode
+        if not any(getattr(pn, role) for role in ROLES):
+            self.autoAssign(reportProblems=False)
+        if not pn.modelPaths:
+            default = self.logic.defaultModelSet([getattr(pn, role) for role in ROLES])
+            if default:
+                pn.modelPaths = [default]
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._updateGui()
+
+    # --- state shown in the GUI
+
+    def _updateGui(self, caller=None, event=None) -> None:
+        pn = self._parameterNode
+        running = self._run is not None
+        self.ui.modelsListWidget.clear()
+        if pn:
+            for path in pn.modelPaths:
+                self.ui.modelsListWidget.addItem(path)
+        problems, canResample = self._inputProblems()
+        self.ui.inputWarningLabel.text = "\n".join(problems)
+        self.ui.resampleButton.enabled = canResample and not running
+        ready, reason = self._canApply(problems)
+        self.ui.applyButton.enabled = ready and not running
+        self.ui.applyButton.toolTip = reason if not ready else _("Run the ensemble on the four volumes.")
+        self.ui.cancelButton.enabled = running
+        for name in ("inputsCollapsibleButton", "modelsCollapsibleButton", "optionsCollapsibleButton",
+                     "outputsCollapsibleButton"):
+            getattr(self.ui, name).enabled = not running
+
+    def _inputProblems(self):
+        """(messages, resampling would help) for the current inputs."""
+        pn = self._parameterNode
+        if not pn:
+            return [], False
+        process, _roles, _seg = importLibrary()
+        volumes = pn.volumesByRole()
+        messages = []
+        duplicates = process.duplicate_roles({r: v.GetID() for r, v in volumes.items()})
+        for group in duplicates:
+            messages.append(_("The same volume is selected for {roles}; each sequence needs its own volume.").format(
+                roles=", ".join(group)))
+        # Volumes are exported in world coordinates; one under a different transform than T1c would not be on the
+        # T1c grid any more, so ask for the transform to be hardened (never done silently).
+        transforms = {r: v.GetParentTransformNode() for r, v in volumes.items()}
+        transformName = lambda t: t.GetName() if t is not None else _("none")  # noqa: E731
+        if "t1c" in transforms:
+            t1cTransformId = transforms["t1c"].GetID() if transforms["t1c"] is not None else None
+            for role, transform in transforms.items():
+                if (transform.GetID() if transform is not None else None) != t1cTransformId:
+                    messages.append(_("{role} is under transform '{name}' but t1c under '{t1c}'; harden the "
+                                      "transforms (Data module) before segmenting.").format(
+                        role=role, name=transformName(transform), t1c=transformName(transforms["t1c"])))
+        mismatches = self.logic.gridMismatches(volumes)
+        for role, what in mismatches.items():
+            messages.append(_("{role} differs from t1c in {what}: the sequences must share one grid. Use "
+                              "'Resample onto T1c grid'.").format(role=role, what=", ".join(what)))
+        return messages, bool(mismatches) and not duplicates
+
+    def _canApply(self, problems):
+        pn = self._parameterNode
+        if not pn:
+            return False, ""
+        missing = [r for r in ROLES if getattr(pn, r) is None]
+        if missing:
+            return False, _("Select a volume for: {roles}").format(roles=", ".join(missing))
+        if not pn.modelPaths:
+            return False, _("Add a model set (manifest or nnU-Net results folder).")
+        if problems:
+            return False, problems[0]
+        return True, ""
+
+    # --- inputs
+
+    def onAutoAssign(self) -> None:
+        self.autoAssign(reportProblems=True)
+
+    def autoAssign(self, reportProblems=True) -> None:
+        pn = self._parameterNode
+        if not pn:
+            return
+        result = self.logic.autoAssignRoles()
+        with slicer.util.NodeModify(pn.parameterNode):
+            for role, node in result["volumes"].items():
+                setattr(pn, role, node)
+        if reportProblems and result["summary"]:
+            current = self.ui.inputWarningLabel.text
+            summary = _("Auto-assign: {summary}").format(summary=result["summary"])
+            self.ui.inputWarningLabel.text = f"{current}\n{summary}" if current else summary
+
+    def onResample(self) -> None:
+        pn = self._parameterNode
+        volumes = pn.volumesByRole()
+        mismatches = self.logic.gridMismatches(volumes)
+        if not mismatches or "t1c" not in volumes:
+            return
+        names = ", ".join(f"{volumes[r].GetName()} ({r})" for r in mismatches)
+        if not slicer.util.confirmOkCancelDisplay(
+            _("Resample {names} onto the grid of the T1c volume '{t1c}' (linear interpolation)?\n\nNew volumes are "
+              "created and selected; the original volumes are kept unchanged.").format(
+                names=names, t1c=volumes["t1c"].GetName()),
+            windowTitle=_("Resample onto T1c grid"),
+        ):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Resampling failed."), waitCursor=True):
+            resampled = self.logic.resampleOntoReference(
+                {r: volumes[r] for r in mismatches}, volumes["t1c"])
+            with slicer.util.NodeModify(pn.parameterNode):
+                for role, node in resampled.items():
+                    setattr(pn, role, node)
+
+    # --- models
+
+    def _addModelPath(self, path) -> None:
+        if not path:
+            return
+        qt.QSettings().setValue(SETTINGS_LAST_MODEL_DIR, os.path.dirname(path.rstrip("/\\")))
+        paths = list(self._parameterNode.modelPaths)
+        if path not in paths:
+            paths.append(path)
+            self._parameterNode.modelPaths = paths
+
+    def onAddModelFolder(self) -> None:
+        start = qt.QSettings().value(SETTINGS_LAST_MODEL_DIR, "")
+        path = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Choose an nnU-Net results folder (Trainer__Plans__Configuration)"), start)
+        self._addModelPath(path)
+
+    def onAddModelFile(self) -> None:
+        start = qt.QSettings().value(SETTINGS_LAST_MODEL_DIR, "")
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), _("Choose a model-set manifest"), start, _("Model set (*.json)"))
+        self._addModelPath(path)
+
+    def onAddFromRecipe(self) -> None:
+        """A published pipeline as a model set: pick the recipe, a folder per role, where to save the manifest."""
+        from BraTSEnsembleLib import recipes
+
+        window = slicer.util.mainWindow()
+        names = recipes.recipe_names()
+        titles = [f"{name}: {recipes.load_recipe(name).get('title', '')}" for name in names]
+        choice = qt.QInputDialog.getItem(window, _("Model set from a recipe"), _("Recipe:"), titles, 0, False)
+        if not choice:
+            return
+        name = names[titles.index(choice)]
+        start = qt.QSettings().value(SETTINGS_LAST_MODEL_DIR, "")
+        models = []
+        for member in recipes.load_recipe(name)["members"]:
+            folder = qt.QFileDialog.getExistingDirectory(
+                window, _("{recipe}: model folder for '{role}' ({description})").format(
+                    recipe=name, role=member["role"], description=member.get("description", "")), start)
+            if not folder:
+                return
+            models.append((member["role"], folder))
+            start = os.path.dirname(folder.rstrip("/\\"))
+        target = qt.QFileDialog.getSaveFileName(window, _("Save the model set"),
+                                                os.path.join(start, f"{name}-set.json"), _("Model set (*.json)"))
+        if not target:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The model set could not be written.")):
+            # the save dialog has already asked before replacing an existing file
+            path = recipes.write_recipe_manifest(name, models, target, overwrite=True)
+            self._addModelPath(str(path))
+
+    def onRemoveModels(self) -> None:
+        selected = {item.text() for item in self.ui.modelsListWidget.selectedItems()}
+        if selected:
+            self._parameterNode.modelPaths = [p for p in self._parameterNode.modelPaths if p not in selected]
+
+    # --- dependencies
+
+    def onInstallDependencies(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Installing dependencies failed.")):
+            if self.logic.ensureDependencies(askConfirmation=True):
+                slicer.util.infoDisplay(_("All dependencies are installed."), windowTitle=_("BraTS Ensemble"))
+
+    # --- run
+
+    def onApply(self) -> None:
+        pn = self._parameterNode
+        self.ui.statusLabel.text = ""
+        try:
+            with slicer.util.tryWithErrorDisplay(_("The dependencies could not be installed.")):
+                if not self.logic.ensureDependencies(askConfirmation=True):
+                    self.ui.statusLabel.text = _("Dependencies are not installed; nothing was run.")
+                    return
+            with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+                self._run = self.logic.startSegmentation(pn.volumesByRole(), list(pn.modelPaths), **pn.options())
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.setVisible(True)
+            self.ui.statusLabel.text = _("Starting...")
+            self._timer.start()
+        except Exception:
+            logging.exception("BraTSEnsemble: could not start")
+        finally:
+            self._updateGui()
+
+    def onCancel(self) -> None:
+        if self._run is None:
+            return
+        self._timer.stop()
+        self.logic.cancelSegmentation(self._run)
+        self._run = None
+        self.ui.progressBar.setVisible(False)
+        self.ui.statusLabel.text = _("Cancelled. The scene was not changed.")
+        self._updateGui()
+
+    def _onTimer(self) -> None:
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return
+        run.process.poll()
+        state = run.process.state
+        self.ui.progressBar.value = state.percent
+        if state.status:
+            self.ui.statusLabel.text = state.status
+        if run.process.running:
+            return
+        self._timer.stop()
+        self._run = None
+        pn = self._parameterNode
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
+                segmentationNode, tableNode = self.logic.finishSegmentation(
+                    run, outputSegmentation=pn.outputSegmentation, outputTable=pn.outputTable)
+                self.ui.statusLabel.text = _("Done in {seconds:.0f} s: {name}").format(
+                    seconds=run.elapsedSeconds(), name=segmentationNode.GetName())
+                self.logic.showResults(segmentationNode, tableNode, pn.t1c, run.uncertaintyNode,
+                                       run.uncertaintyOpacity)
+        except Exception as exc:
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=str(exc).splitlines()[0] if str(exc) else "")
+            logging.exception("BraTSEnsemble: segmentation failed")
+        finally:
+            self.ui.progressBar.setVisible(False)
+            self._updateGui()
+
