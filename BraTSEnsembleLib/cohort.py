@@ -140,7 +140,13 @@ def plan_cases(cases: Sequence[CaseSpec], models: Mapping[str, Any], out_dir: Pa
     return planned, unreadable
 
 
-FIX = "Rerun with the options of that run, pass --overwrite to recompute, or choose another output folder."
+def stale_fix(problems: Sequence[str]) -> str:
+    """The fix for a result made otherwise: for other images (another patient under this id?) another output
+    folder first; for other models or options the options of that run first."""
+    if any("other content" in problem for problem in problems):
+        return ("If this is another patient, choose another output folder; to recompute the case with these images, "
+                "pass --overwrite.")
+    return "Rerun with the options of that run, pass --overwrite to recompute, or choose another output folder."
 
 
 def _other_settings_message(out_dir: Path, case: PlannedCase, owner: LockOwner) -> str:
@@ -162,7 +168,8 @@ def check_before_work(out_dir: Path, planned: Sequence[PlannedCase], overwrite: 
             continue
         elif case.state.status == STALE:
             problems.append((case.case_id, f"{out_dir / (case.case_id + '.json')}: case {case.case_id} "
-                             f"({case.spec.folder}) was made otherwise: {'; '.join(case.state.problems)}. {FIX}"))
+                             f"({case.spec.folder}) was made otherwise: {'; '.join(case.state.problems)}. "
+                             f"{stale_fix(case.state.problems)}"))
         elif case.state.status == FOREIGN:
             problems.append((case.case_id, f"{case.state.problems[0]} (case {case.case_id}, {case.spec.folder}). "
                              "Move it away, pass --overwrite to replace it, or choose another output folder."))
@@ -241,7 +248,7 @@ def claim_case(out_dir: Path, case: PlannedCase, overwrite: bool = False, save_u
         if state.status in (STALE, FOREIGN) and not replace_ok:
             raise OutputError(f"{out_dir / (case.case_id + '.json')}: case {case.case_id} ({case.spec.folder}) was "
                               f"written meanwhile by another run with other settings: "
-                              f"{'; '.join(state.problems)}. {FIX}")
+                              f"{'; '.join(state.problems)}. {stale_fix(state.problems)}")
         return Claim(RUN, lock=lock, replace=state.status != NEW)
     except BaseException:
         lock.release()

@@ -203,8 +203,12 @@ def fingerprint_differences(recorded: Any, current: Mapping[str, Any]) -> list[s
     if old_inputs != new_inputs:
         if isinstance(old_inputs, dict) and set(old_inputs) == set(new_inputs):
             roles = [r for r in new_inputs if old_inputs[r] != new_inputs[r]]
-            found.append(f"input image(s) {', '.join(roles)}: other content (another patient, or the images "
-                         "changed)")
+            if sorted(map(str, old_inputs.values())) == sorted(new_inputs.values()):
+                found.append(f"input image(s) {', '.join(roles)}: the same files for other sequences "
+                             "(--channel-names or the file names changed)")
+            else:
+                found.append(f"input image(s) {', '.join(roles)}: other content (another patient, or the images "
+                             "changed)")
         else:
             found.append(f"input sequences {sorted(old_inputs or [])} → {sorted(new_inputs)}")
     old_models, new_models = recorded.get("models"), current["models"]
