@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .case import strip_image_ending
 from .errors import BraTSEnsembleError, InputError, OutputError
 from .results import (DONE, FOREIGN, NEW, STALE, CaseLock, CaseState, LockOwner, case_fingerprint, case_file_names,
                       case_state, completed_results, input_fingerprint, is_output_folder, lock_owner, lock_path,
@@ -53,6 +54,7 @@ def find_case_folders(cohort_dir: Path, output_dir: Path | None = None) -> list[
         if not path.is_dir() or path.name.startswith("."):
             continue
         if output is not None and _inside(output, path.resolve()):
+            _check_not_a_case_folder(path, output, output_dir)
             continue  # the output folder, or a folder that holds it
         if is_output_folder(path):
             continue  # results of an earlier run with another output folder
@@ -60,6 +62,16 @@ def find_case_folders(cohort_dir: Path, output_dir: Path | None = None) -> list[
     if not folders:
         raise InputError(f"{cohort_dir}: holds no case folders (one sub-folder per case, e.g. BraTS-GLI-00001-000/)")
     return folders
+
+
+def _check_not_a_case_folder(folder: Path, output: Path, given: Path) -> None:
+    """Refuse an output folder that is (or lies inside) a case folder: that case would silently not be segmented.
+    A folder with image files directly in it is a case folder unless it holds results of this tool."""
+    images = [p.name for p in folder.iterdir() if p.is_file() and strip_image_ending(p.name) is not None]
+    if images and not (folder.resolve() == output and is_output_folder(folder)):
+        raise InputError(f"{given}: the output folder is {'' if folder.resolve() == output else 'inside '}the case "
+                         f"folder {folder} (it holds {images[0]}); choose an output folder outside the case folders, "
+                         "e.g. COHORT_DIR/results.")
 
 
 def assign_case_ids(found: Sequence[tuple[Path, str, Mapping[str, Path]]]) -> list[CaseSpec]:

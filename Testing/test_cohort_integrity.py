@@ -134,6 +134,17 @@ def test_copies_of_one_case_are_both_segmented_and_a_clash_of_names_is_refused(t
     assert not out2.exists()
 
 
+def test_an_output_folder_inside_a_case_folder_is_refused(tmp_path, phantoms):
+    """Excluded from the cases, that case would silently not be segmented."""
+    cohort = cohort_of(phantoms, tmp_path / "cohort", "Phantom-09111", "Phantom-09112")
+    out = cohort / "Phantom-09112" / "results"
+    refused = cli("batch", cohort, "-o", out, *MODEL, "--progress", "none")
+    assert refused.returncode == 1
+    no_traceback(refused)
+    assert f"error: {out}: the output folder is inside the case folder {cohort / 'Phantom-09112'}" in refused.stderr
+    assert not out.exists()
+
+
 # ================================================================================================================
 # Resume by fingerprint
 
