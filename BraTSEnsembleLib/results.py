@@ -495,6 +495,9 @@ def try_lock_case(out_dir: str | Path, case_id: str, fingerprint: str) -> CaseLo
                 return CaseLock(path, owner, created)
         except FileNotFoundError:
             continue  # another process removed the empty state folder meanwhile
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot be created ({exc.strerror or exc}). Choose an output folder you can "
+                              "write to.") from exc
         holder = read_lock(path)
         if holder is None:
             continue  # released meanwhile
@@ -538,8 +541,9 @@ def commit_case_files(staged: StagedFiles, out_dir: str | Path, case_id: str,
     for tmp, final in staged.pending:
         accepted.setdefault(final.name, []).append(file_sha256(tmp))
     for name in case_file_names(case_id):
-        if (out / name).is_file():
-            accepted.setdefault(name, []).append(file_sha256(out / name))
+        digest = _content_hash(out / name) if (out / name).is_file() else None
+        if digest is not None:
+            accepted.setdefault(name, []).append(digest)
     record = commit_record_path(out, case_id)
     write_json({"case_id": case_id, "pid": os.getpid(), "host": socket.gethostname(), "files": accepted}, record)
     # From here until the record is deleted, an interruption leaves files that the record explains (a failure or
@@ -549,6 +553,14 @@ def commit_case_files(staged: StagedFiles, out_dir: str | Path, case_id: str,
     done = staged.commit(on_renamed=_stop_for_test)
     record.unlink(missing_ok=True)
     return done
+
+
+def _content_hash(path: Path) -> str | None:
+    """SHA-256 of a file, None when it cannot be read (then it matches no record: it is left alone)."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
 
 
 def _temporary_files(out_dir: Path, case_id: str) -> list[Path]:
@@ -574,11 +586,15 @@ def recover_interrupted(out_dir: str | Path, case_id: str) -> list[Path]:
             for name in case_file_names(case_id):
                 path = out / name
                 hashes = files.get(name)
-                if isinstance(hashes, list) and path.is_file() and file_sha256(path) in hashes:
+                if isinstance(hashes, list) and path.is_file() and _content_hash(path) in hashes:
                     removed.append(path)
         removed.append(record_path)
     for path in removed:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{path}: left by an interrupted run, cannot be deleted ({exc.strerror or exc}). "
+                              "Delete it, or choose another output folder.") from exc
     return [p for p in removed if p != record_path]
 
 
@@ -592,7 +608,7 @@ def interrupted_files(out_dir: str | Path, case_id: str) -> list[Path]:
         return []
     return [out / name for name in case_file_names(case_id)
             if (out / name).is_file() and isinstance(files.get(name), list)
-            and file_sha256(out / name) in files[name]]
+            and _content_hash(out / name) in files[name]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
