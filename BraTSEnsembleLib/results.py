@@ -399,7 +399,9 @@ def lock_is_stale(owner: LockOwner, path: Path) -> bool:
 def _serialised(folder: Path) -> Iterator[None]:
     """One process at a time (per state folder) in the block: taking over a stale lock is read, check, delete,
     create; two processes doing it at once could both believe they hold the lock. POSIX: an flock on the folder
-    itself (released by the kernel if the process dies); Windows: a byte lock on a file in it."""
+    itself (released by the kernel if the process dies), or — where a folder cannot be locked (NFS emulates flock
+    with byte-range locks, which need a file open for writing) — on a file ``takeover`` in it; Windows: a byte
+    lock on that file."""
     if os.name == "nt":
         import msvcrt
 
@@ -411,7 +413,12 @@ def _serialised(folder: Path) -> Iterator[None]:
 
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            fd = os.open(folder / "takeover", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the flock
