@@ -471,9 +471,15 @@ class StagedFiles:
             raise write_failure(path, exc) from exc
         return path
 
-    def commit(self) -> list[Path]:
-        """Rename every staged file to its final name; if one rename fails, the files renamed before it are removed
-        again (so no set is left half-replaced) and an OutputError is raised."""
+    @property
+    def pending(self) -> list[tuple[Path, Path]]:
+        """(temporary file, final path) of every staged file not renamed yet, in staging order."""
+        return list(self._pending)
+
+    def commit(self, on_renamed: Callable[[Path], None] | None = None) -> list[Path]:
+        """Rename every staged file to its final name (calling ``on_renamed(final path)`` after each); if one rename
+        fails, or the run is interrupted (Ctrl-C, SIGTERM) between two, the files renamed before it are removed
+        again (so no set is left half-replaced); a failed rename raises an OutputError."""
         done: list[Path] = []
         mode = _default_file_mode()
         try:
@@ -481,10 +487,14 @@ class StagedFiles:
                 os.chmod(tmp, mode)
                 os.replace(tmp, path)
                 done.append(path)
-        except OSError as exc:
-            for path in done:
-                self._remove(path)
-            raise write_failure(path, exc) from exc
+                if on_renamed is not None:
+                    on_renamed(path)
+        except BaseException as exc:
+            for renamed in done:
+                self._remove(renamed)
+            if isinstance(exc, OSError):
+                raise write_failure(path, exc) from exc
+            raise
         finally:
             self.discard()
         return done

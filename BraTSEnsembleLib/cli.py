@@ -12,20 +12,22 @@ import contextlib
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from .case import check_output_folder, discover_case_files, read_case_folder, write_csv
+from .case import check_output_folder, discover_case_files, read_case_folder
+from .cohort import (BUSY, SKIP, CaseSpec, PlannedCase, assign_case_ids, check_before_work, claim_case,
+                     discover_cases, find_case_folders, plan_cases, result_provenance, with_case_id)
 from .downloads import register_models_command, run_models_command
 from .errors import BraTSEnsembleError, Cancelled, InputError, ModelError
 from .ensemble import LABEL_RULES
 from .modelset import ModelSet, load_model_set, nnunet_model_set
-from .pipeline import (ProgressEvent, check_outputs_free, output_paths, resolve_device, segment_case,
-                       write_result)
+from .pipeline import ProgressEvent, resolve_device, segment_case, write_result
 from .postprocess import RULE_NAMES
 from .recipes import (Overrides, describe_recipe, fill_recipe, load_recipe, parse_role_paths, recipe_model_set,
                       recipe_names, recipe_roles)
-from .stats import cohort_columns, cohort_rows
+from .results import model_set_fingerprint, model_sets_in, output_paths, write_statistics_table
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -198,25 +200,85 @@ def _channel_names(args: argparse.Namespace, model_set: ModelSet) -> tuple[dict 
     return explicit, fallback
 
 
-def run_case(case_dir: Path, out_dir: Path, model_set: ModelSet, device: Any, args: argparse.Namespace,
-             progress: Callable[[ProgressEvent], None]) -> dict[str, Path]:
-    """Read, segment and write one case; returns the written paths."""
+def run_case(case: PlannedCase, replace: bool, out_dir: Path, model_set: ModelSet, device: Any,
+             args: argparse.Namespace, progress: Callable[[ProgressEvent], None]) -> dict[str, Path]:
+    """Read, segment and write one claimed case (its lock held); returns the written paths."""
     explicit, fallback = _channel_names(args, model_set)
-    case_id, _ = discover_case_files(case_dir, explicit, fallback)
-    check_outputs_free(out_dir, case_id, args.overwrite)
-    case = read_case_folder(case_dir, explicit, fallback)
-    result = segment_case(case, model_set, device, progress)
-    paths = write_result(result, out_dir, overwrite=args.overwrite, save_uncertainty=args.save_uncertainty)
+    image_case = with_case_id(read_case_folder(case.spec.folder, explicit, fallback), case.case_id)
+    result = segment_case(image_case, model_set, device, progress)
+    result.provenance.update(result_provenance(case))
+    paths = write_result(result, out_dir, overwrite=replace, save_uncertainty=args.save_uncertainty)
     progress(ProgressEvent("written", case.case_id, 1.0, f"{paths['labels']} and {paths['statistics'].name}"))
     return paths
+
+
+#: Seconds between two looks at cases that another process computes.
+WAIT_SECONDS = 1.0
+
+
+def segment_planned(planned: Sequence[PlannedCase], model_set: ModelSet, device: Any, args: argparse.Namespace,
+                    progress: Callable[[ProgressEvent], None], stop_on_error: bool = False
+                    ) -> tuple[dict[str, dict[str, Path]], list[str]]:
+    """Compute every planned case not done yet, each under its lock; wait for cases another process computes.
+    Returns ({case id: result paths}, failures as 'folder: message'); with ``stop_on_error`` a failure raises."""
+    out_dir = args.output
+    results: dict[str, dict[str, Path]] = {}
+    failures: list[str] = []
+    announced: set[str] = set()
+    pending = list(planned)
+    while pending:
+        waiting = []
+        for case in pending:
+            try:
+                claim = claim_case(out_dir, case, args.overwrite, args.save_uncertainty)
+                if claim.action == SKIP:
+                    progress(ProgressEvent("case-skipped", case.case_id, 1.0, claim.message))
+                    results[case.case_id] = {k: p for k, p in output_paths(out_dir, case.case_id).items()
+                                             if p.is_file()}
+                elif claim.action == BUSY:
+                    waiting.append(case)
+                    if case.case_id not in announced:
+                        announced.add(case.case_id)
+                        progress(ProgressEvent("case-waiting", case.case_id, 0.0, f"waiting: {claim.message}"))
+                else:
+                    assert claim.lock is not None
+                    with claim.lock:
+                        results[case.case_id] = run_case(case, claim.replace, out_dir, model_set, device, args,
+                                                         progress)
+            except Cancelled:
+                raise
+            except BraTSEnsembleError as exc:
+                if stop_on_error:
+                    raise
+                failures.append(f"{case.spec.folder.name}: {exc}")
+                progress(ProgressEvent("error", case.case_id, 1.0, str(exc)))
+                print(f"error: {exc}", file=sys.stderr)
+        pending = waiting
+        if pending:
+            time.sleep(WAIT_SECONDS)
+    return results, failures
+
+
+def _plan(specs: Sequence[CaseSpec], model_set: ModelSet, args: argparse.Namespace
+          ) -> tuple[list[PlannedCase], dict[Path, BraTSEnsembleError]]:
+    """Fingerprint the cases (the models' files hashed once) and refuse the run if a case cannot be resumed."""
+    planned, unreadable = plan_cases(specs, model_set_fingerprint(model_set), args.output, args.save_uncertainty)
+    check_before_work(args.output, planned, args.overwrite)
+    return planned, unreadable
 
 
 def cmd_predict(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     check_output_folder(args.output)  # before any model is loaded or any case read
     model_set = _model_set(args)
     device = resolve_device(args.device)
-    paths = run_case(args.case_dir, args.output, model_set, device, args, progress)
-    progress(ProgressEvent("finished", paths["statistics"].stem, 1.0, "1 case done"))
+    explicit, fallback = _channel_names(args, model_set)
+    file_id, files = discover_case_files(args.case_dir, explicit, fallback)
+    planned, unreadable = _plan(assign_case_ids([(args.case_dir, file_id, files)]), model_set, args)
+    if unreadable:
+        raise next(iter(unreadable.values()))
+    results, _ = segment_planned(planned, model_set, device, args, progress, stop_on_error=True)
+    paths = results[planned[0].case_id]
+    progress(ProgressEvent("finished", planned[0].case_id, 1.0, "1 case done"))
     progress.close()
     if args.progress != "json":
         for kind, path in paths.items():
@@ -224,52 +286,31 @@ def cmd_predict(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     return 0
 
 
-def find_case_folders(cohort_dir: Path) -> list[Path]:
-    """Sub-folders of a cohort folder, sorted; a cohort without any is an InputError."""
-    if not cohort_dir.is_dir():
-        raise InputError(f"{cohort_dir}: not a folder. Give a folder that holds one sub-folder per case.")
-    folders = sorted(p for p in cohort_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise InputError(f"{cohort_dir}: holds no case folders (one sub-folder per case, e.g. BraTS-GLI-00001-000/)")
-    return folders
-
-
-def write_cohort_csv(out_dir: Path) -> Path | None:
-    """``statistics.csv`` with one row per finished case (every ``<id>.json`` in ``out_dir``)."""
-    statistics = {}
-    for path in sorted(out_dir.glob("*.json")):
-        data = json.loads(path.read_text())
-        if isinstance(data, dict) and "regions" in data and "case_id" in data:
-            statistics[data["case_id"]] = data["regions"]
-    if not statistics:
-        return None
-    rows = cohort_rows(statistics)
-    return write_csv(rows, out_dir / "statistics.csv", cohort_columns(rows))
-
-
 def cmd_batch(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    folders = find_case_folders(args.cohort_dir)
+    folders = find_case_folders(args.cohort_dir, args.output)
     check_output_folder(args.output)
     model_set = _model_set(args)
     device = resolve_device(args.device)
-    failures: list[str] = []
     explicit, fallback = _channel_names(args, model_set)
-    for folder in folders:
-        try:
-            case_id, _ = discover_case_files(folder, explicit, fallback)
-            if output_paths(args.output, case_id)["statistics"].exists() and not args.overwrite:
-                progress(ProgressEvent("case-skipped", case_id, 1.0, "done already"))
-                continue
-            run_case(folder, args.output, model_set, device, args, progress)
-        except Cancelled:
-            raise
-        except BraTSEnsembleError as exc:
-            failures.append(f"{folder.name}: {exc}")
-            progress(ProgressEvent("error", folder.name, 1.0, str(exc)))
-            print(f"error: {exc}", file=sys.stderr)
-    csv_path = write_cohort_csv(args.output)
+    specs, unusable = discover_cases(folders, lambda folder: discover_case_files(folder, explicit, fallback))
+    planned, unreadable = _plan(specs, model_set, args)
+    failures: list[str] = []
+    for folder, exc in {**unusable, **unreadable}.items():
+        failures.append(f"{folder.name}: {exc}")
+        progress(ProgressEvent("error", folder.name, 1.0, str(exc)))
+        print(f"error: {exc}", file=sys.stderr)
+    _, failed = segment_planned(planned, model_set, device, args, progress)
+    failures += failed
+    csv_path, found = write_statistics_table(args.output)
     progress(ProgressEvent("finished", "", 1.0, f"{len(folders) - len(failures)}/{len(folders)} case(s) done"))
     progress.close()
+    if found.ignored:
+        listed = "; ".join(f"{path.name} ({why})" for path, why in found.ignored[:5])
+        print(f"note: statistics.csv leaves out {len(found.ignored)} JSON file(s) in {args.output} that are not "
+              f"complete results of this tool: {listed}{'; …' if len(found.ignored) > 5 else ''}", file=sys.stderr)
+    if model_sets_in(found) > 1:
+        print(f"note: statistics.csv holds results made with {model_sets_in(found)} different model sets or options "
+              "(each JSON's fingerprint says which)", file=sys.stderr)
     if args.progress != "json":
         print(f"{len(folders) - len(failures)}/{len(folders)} case(s) done in {args.output}"
               + (f"; cohort statistics: {csv_path}" if csv_path else ""), file=progress.stdout)
@@ -335,7 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "recipes":
         return run_recipes_command(args)
     stdout = sys.stdout
-    total = len(find_case_folders(args.cohort_dir)) if args.command == "batch" and args.cohort_dir.is_dir() else 1
+    total = 1
+    if args.command == "batch":
+        with contextlib.suppress(BraTSEnsembleError, OSError):
+            total = len(find_case_folders(args.cohort_dir, args.output))
     progress = ProgressPrinter(getattr(args, "progress", "none"), stdout, sys.stderr, total)
     signal.signal(signal.SIGTERM, _stop_on_terminate)
     command = {"predict": cmd_predict, "batch": cmd_batch, "evaluate": cmd_evaluate}[args.command]

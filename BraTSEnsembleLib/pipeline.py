@@ -21,6 +21,7 @@ from .ensemble import ARGMAX, StreamingEnsemble, fused_labels, fusion_space
 from .errors import Cancelled, DeviceError, OutputError
 from .modelset import ModelSet
 from .postprocess import apply_steps
+from .results import commit_case_files, output_paths
 from .roles import ensure_roles_available
 from .stats import region_statistics
 from .uncertainty import VoteCounter, member_agreement, normalised_entropy, summarise
@@ -148,14 +149,6 @@ def _agreement_records(model_set: ModelSet, member_labels: list[np.ndarray],
     return records
 
 
-def output_paths(out_dir: str | Path, case_id: str) -> dict[str, Path]:
-    """Where a case's results go: ``<id>.nii.gz`` (labels), ``<id>.json`` (statistics) and, when asked for, the
-    uncertainty maps ``<id>_disagreement.nii.gz`` and ``<id>_entropy.nii.gz``."""
-    out = Path(out_dir)
-    return {"labels": out / f"{case_id}.nii.gz", "statistics": out / f"{case_id}.json",
-            "disagreement": out / f"{case_id}_disagreement.nii.gz", "entropy": out / f"{case_id}_entropy.nii.gz"}
-
-
 def check_outputs_free(out_dir: str | Path, case_id: str, overwrite: bool) -> None:
     """Refuse to run when results of this case exist and ``overwrite`` is not set (before any work is done)."""
     existing = [p for p in output_paths(out_dir, case_id).values() if p.exists()]
@@ -170,8 +163,10 @@ def write_result(result: Result, out_dir: str | Path, overwrite: bool = False,
 
     All files are first written under temporary names (and the images read back, see
     :func:`BraTSEnsembleLib.case.write_array_image`); only when every one is complete are they renamed into place,
-    the JSON last. A failed write (disk full, file-size limit, permissions) raises OutputError naming the file and
-    leaves no file of this case behind, neither a final name nor a temporary file.
+    the JSON last, under a commit record that lets the next run recognise what a killed run left
+    (:func:`BraTSEnsembleLib.results.commit_case_files`). A failed write (disk full, file-size limit, permissions)
+    raises OutputError naming the file and leaves no file of this case behind, neither a final name nor a
+    temporary file.
     """
     check_outputs_free(out_dir, result.case_id, overwrite)
     paths = output_paths(out_dir, result.case_id)
@@ -184,9 +179,6 @@ def write_result(result: Result, out_dir: str | Path, overwrite: bool = False,
         written["statistics"] = write_json({**result.summary(), **files}, paths["statistics"], staged)
         # Reached with --overwrite (or nothing there): the earlier JSON goes first, so that the case never looks
         # done with a mix of old and new files, and no uncertainty map of an earlier run stays beside new labels.
-        paths["statistics"].unlink(missing_ok=True)
-        for name in result.uncertainty:
-            if name not in written:
-                paths[name].unlink(missing_ok=True)
-        staged.commit()  # labels, maps, then the JSON
+        earlier = [paths["statistics"], *(paths[name] for name in result.uncertainty if name not in written)]
+        commit_case_files(staged, out_dir, result.case_id, remove=earlier)  # labels, maps, then the JSON
     return written

@@ -27,8 +27,8 @@ DEVICES: tuple[str, ...] = ("auto", "cuda", "cpu")
 POSTPROCESS_RULES: tuple[str, ...] = ("none", "ratio-adaptive", "min-size", "et-to-netc")
 CHECKPOINTS: tuple[str, ...] = ("final", "best")
 PROGRESS_EVENTS: frozenset[str] = frozenset({
-    "case-start", "member-start", "member-step", "member-done", "postprocess", "written", "case-skipped", "error",
-    "finished",
+    "case-start", "member-start", "member-step", "member-done", "postprocess", "written", "case-skipped",
+    "case-waiting", "error", "finished",
 })
 INPUT_ENDING = ".nii.gz"
 

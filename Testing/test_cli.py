@@ -47,7 +47,7 @@ def test_predict_writes_labels_and_statistics_with_json_progress(trained_models,
     assert summary["members"][1]["channels"] == ["t2f", "t1c", "t1n", "t2w"]
 
     again = brats_ensemble("predict", str(case_dir), "-o", str(out), "-m", str(trained_models["A"].path))
-    assert again.returncode == 1 and "exists already" in again.stderr and "--overwrite" in again.stderr
+    assert again.returncode == 1 and "was made otherwise" in again.stderr and "--overwrite" in again.stderr
 
 
 @pytest.mark.slow
