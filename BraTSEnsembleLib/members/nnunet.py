@@ -229,6 +229,10 @@ class NnUNetMember:
             from .umamba import build_umamba_network
 
             return build_umamba_network(trainer_name, self.plans, configuration, num_inputs, num_outputs)
+        from .swinunetr import is_swinunetr_trainer, nnunet_swinunetr_network
+
+        if is_swinunetr_trainer(trainer_name):  # built in the trainer's code, not from the plans
+            return nnunet_swinunetr_network(trainer_name, num_inputs, num_outputs)
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
         try:
