@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import ModelError
-from .labels import LABEL_NAMES, canonical_label_for_class_name, region_mask
+from .labels import LABEL_NAMES, canonical_label_for_class_name, present_regions, region_mask
 
 BRATS = "brats"
 DATASET = "dataset"
@@ -128,8 +128,6 @@ class LabelSet:
         """The names that statistics are reported for: BraTS regions (RC only when ``labels`` have it) or the
         dataset's classes in value order."""
         if self.is_brats:
-            from .labels import present_regions
-
             values = np.unique(labels).tolist() if labels is not None else []
             return present_regions(values)
         return list(self.names)
