@@ -575,8 +575,9 @@ def write_json(data: Any, path: str | Path, staged: StagedFiles | None = None) -
     return _stage_or_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), None, staged)
 
 
-def write_csv(rows: Iterable[Mapping[str, Any]], path: str | Path, columns: Sequence[str]) -> Path:
-    """Write rows (dicts) as CSV with the given columns, atomically."""
+def write_csv(rows: Iterable[Mapping[str, Any]], path: str | Path, columns: Sequence[str],
+              staged: StagedFiles | None = None) -> Path:
+    """Write rows (dicts) as CSV with the given columns, atomically or as part of ``staged``."""
     path = Path(path)
     rows = list(rows)
 
@@ -586,5 +587,4 @@ def write_csv(rows: Iterable[Mapping[str, Any]], path: str | Path, columns: Sequ
             writer.writeheader()
             writer.writerows(rows)
 
-    _atomic_write(path, write)
-    return path
+    return _stage_or_write(path, write, None, staged)

@@ -61,7 +61,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--postprocess", metavar="RULE[,RULE]",
                        help=f"postprocessing: {', '.join(RULE_NAMES)}; min-size:N and et-to-netc:N take a "
                             "voxel threshold, region-min-size:WT/TC/ET three; several may be chained with commas "
-                            "(default: the recipe's, else ratio-adaptive)")
+                            "(default: the recipe's, else ratio-adaptive; none for models with their own label "
+                            "set, e.g. a single 'metastasis' class)")
+    group.add_argument("--min-lesion-volume", type=float, metavar="MM3",
+                       help="count and list only lesions (connected components) of at least MM3 mm³ in the "
+                            "statistics; smaller ones stay in the label map and are reported as "
+                            "lesions_below_minimum (default: every lesion)")
     group.add_argument("--channel-names", metavar="ROLE,ROLE…",
                        help="roles of nnU-Net-numbered files _0000, _0001 … (e.g. t1n,t1c,t2w,t2f) when no "
                             "dataset.json lies beside them (default: the first model's channel names)")
@@ -152,10 +157,10 @@ _MANIFEST_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "checkpoint": ("--checkpoint", "final", "checkpoint"), "no_mirroring": ("--no-mirroring", False, "mirroring"),
     "tile_step": ("--tile-step", 0.5, "tile_step"), "postprocess": ("--postprocess", None, "postprocess"),
     "mirroring": ("--mirroring", None, "mirroring"), "labels": ("--labels", None, "labels"),
+    "min_lesion_volume": ("--min-lesion-volume", None, "min_lesion_volume_mm3"),
 }
 #: Of those, the ones that a recipe leaves to the user (the rest come with the recipe's members).
-_RECIPE_OVERRIDES = ("postprocess", "mirroring", "no_mirroring", "labels")
-DEFAULT_POSTPROCESS = "ratio-adaptive"
+_RECIPE_OVERRIDES = ("postprocess", "mirroring", "no_mirroring", "labels", "min_lesion_volume")
 
 
 def _recipe_model_set(args: argparse.Namespace) -> ModelSet:
@@ -164,11 +169,13 @@ def _recipe_model_set(args: argparse.Namespace) -> ModelSet:
     if args.model_set is not None or fixed:
         given = ["--model-set"] if args.model_set is not None else [o for o, _ in fixed]
         raise ModelError(f"--recipe {args.recipe}: {', '.join(given)} cannot be combined with a recipe (it fixes "
-                         "the members and their options). Only --labels, --postprocess and --mirroring override "
+                         "the members and their options). Only --labels, --postprocess, --mirroring and "
+                         "--min-lesion-volume override "
                          "it; for anything else write a manifest with `brats-ensemble recipes show "
                          f"{args.recipe} --model ROLE=PATH …` and use --model-set.")
     mirroring = False if args.no_mirroring else None if args.mirroring is None else args.mirroring == "on"
-    overrides = Overrides(labels=args.labels, postprocess=args.postprocess, mirroring=mirroring)
+    overrides = Overrides(labels=args.labels, postprocess=args.postprocess, mirroring=mirroring,
+                          min_lesion_volume_mm3=args.min_lesion_volume)
     return recipe_model_set(args.recipe, parse_role_paths(args.model, args.recipe), overrides,
                             trusted_checkpoints=args.trust_checkpoint)
 
@@ -189,8 +196,9 @@ def _model_set(args: argparse.Namespace) -> ModelSet:
                          "--model-set FILE instead of --model.")
     return nnunet_model_set(args.model, weights=args.weight, folds=args.folds, checkpoint=args.checkpoint,
                             use_mirroring=not args.no_mirroring and args.mirroring != "off",
-                            tile_step_size=args.tile_step, postprocess=args.postprocess or DEFAULT_POSTPROCESS,
-                            trusted_checkpoints=args.trust_checkpoint, label_rule=args.labels)
+                            tile_step_size=args.tile_step, postprocess=args.postprocess,
+                            trusted_checkpoints=args.trust_checkpoint, label_rule=args.labels,
+                            min_lesion_volume_mm3=args.min_lesion_volume)
 
 
 def _channel_names(args: argparse.Namespace, model_set: ModelSet) -> tuple[dict | None, dict | None]:

@@ -11,6 +11,8 @@ Manifest format (every key; anything else is refused)::
     {"name": "my-ensemble",                 # optional; default: the file name without .json
      "description": "…",                    # optional, free text
      "postprocess": "ratio-adaptive",       # optional; a rule string or a list of rules; default ratio-adaptive
+                                            #   (none for models with their own label set: labelsets.py)
+     "min_lesion_volume_mm3": 100,          # optional; lesions smaller than this are not counted (statistics)
      "labels": "sequential-threshold",      # optional; argmax | sequential-threshold (default: argmax for
                                             #   label-based members, sequential thresholds when one is region-based)
      "recipe": "goat2025",                  # optional; the recipe the set was made from (recorded only)
@@ -45,6 +47,8 @@ from typing import Any, Mapping, Sequence
 from .errors import BraTSEnsembleError, ModelError
 from .ensemble import ARGMAX, LABEL_RULES, SEQUENTIAL_THRESHOLD, fusion_space
 from .labels import LABEL_NAMES
+from .labelsets import (BRATS_LABEL_SET, LabelSet, check_class_weights, check_postprocess_steps,
+                        common_label_set)
 from .members.base import REGION_SPACE, Member
 from .members.nnunet import NnUNetMember
 from .postprocess import Step, parse_steps
@@ -54,7 +58,7 @@ CLASS_NAMES: dict[str, int] = {name: label for label, name in LABEL_NAMES.items(
 FRAMEWORKS: tuple[str, ...] = ("nnunetv2", "umamba", "mednext", "torchscript", "monai")
 DEFAULT_POSTPROCESS = "ratio-adaptive"
 
-_TOP_KEYS = {"name", "description", "postprocess", "labels", "recipe", "members"}
+_TOP_KEYS = {"name", "description", "postprocess", "labels", "recipe", "members", "min_lesion_volume_mm3"}
 _COMMON_MEMBER_KEYS = {"name", "framework", "path", "folds", "checkpoint", "mirroring", "tile_step", "weight",
                        "class_weights", "url", "sha256"}
 _MEDNEXT_KEYS = {"class_labels", "channel_roles", "size", "kernel_size"}
@@ -97,6 +101,10 @@ class ModelSet:
     label_rule: str | None = None
     #: the recipe the set was made from: name, title, source, and the options the user overrode
     recipe: dict[str, Any] | None = None
+    #: lesions (connected components) smaller than this many mm³ are left out of lesion counts and tables
+    min_lesion_volume_mm3: float | None = None
+    #: the classes every member predicts (set from the members; see BraTSEnsembleLib.labelsets)
+    label_set: LabelSet = field(init=False, default=BRATS_LABEL_SET)
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -122,6 +130,14 @@ class ModelSet:
         if self.label_rule == ARGMAX and fusion_space(self.members) == REGION_SPACE:
             raise ModelError("labels by argmax need label-based members, but a member is region-based (WT/TC/ET "
                              f"probabilities): use the {SEQUENTIAL_THRESHOLD} label rule (p > 0.5 per region)")
+        # Label sets that cannot be fused and BraTS-only rules on other classes: refused before any member runs.
+        self.label_set = common_label_set(self.members)
+        check_postprocess_steps(self.label_set, self.postprocess)
+        check_class_weights(self.label_set, self.class_weights)
+        minimum = self.min_lesion_volume_mm3
+        if minimum is not None and (isinstance(minimum, bool) or not isinstance(minimum, (int, float))
+                                    or not 0 <= minimum < float("inf")):
+            raise ModelError(f"the minimum lesion volume must be a finite number of mm³ >= 0, got {minimum!r}")
 
     @property
     def resolved_label_rule(self) -> str:
@@ -145,8 +161,10 @@ class ModelSet:
         for index, (member, weight) in enumerate(zip(self.members, self.weights)):
             factors = (self.class_weights or [None] * len(self.members))[index] or {}
             labels = sorted(set(member.labels) | set(factors))
+            names = LABEL_NAMES if self.label_set.is_brats else {0: "background", **{
+                c.value: c.name for c in self.label_set.classes}}
             record = {**member.describe(), "weight": float(weight),
-                      "class_weights": {LABEL_NAMES[c]: float(factors.get(c, 1.0)) for c in labels}}
+                      "class_weights": {names[c]: float(factors.get(c, 1.0)) for c in labels}}
             if self.member_sources and self.member_sources[index]:
                 record.update(self.member_sources[index])
             members.append(record)
@@ -169,6 +187,8 @@ class ModelSet:
             "label_rule": self.resolved_label_rule,
             "members": members,
             "postprocess": [str(s) for s in self.postprocess],
+            "label_set": self.label_set.to_json(),
+            "min_lesion_volume_mm3": self.min_lesion_volume_mm3,
         })
         return description
 
@@ -180,11 +200,19 @@ def _parse_postprocess(spec: str, context: str) -> list[Step]:
         raise ModelError(f"{context}{exc}") from exc
 
 
+def default_postprocess(members: Sequence[Member]) -> str:
+    """The postprocessing when none is asked for: ratio-adaptive for BraTS models, none for models with their own
+    label set (every rule is defined on BraTS regions). Members that cannot be fused are refused here already."""
+    return DEFAULT_POSTPROCESS if common_label_set(members).is_brats else "none"
+
+
 def nnunet_model_set(paths: Sequence[str | Path], weights: Sequence[float] | None = None,
                      folds: Sequence[str] | None = None, checkpoint: str = "final", use_mirroring: bool = True,
-                     tile_step_size: float = 0.5, postprocess: str = "none",
-                     trusted_checkpoints: Sequence[str | Path] = (), label_rule: str | None = None) -> ModelSet:
-    """A model set of nnU-Net v2 results folders (the command line's ``--model`` options)."""
+                     tile_step_size: float = 0.5, postprocess: str | None = "none",
+                     trusted_checkpoints: Sequence[str | Path] = (), label_rule: str | None = None,
+                     min_lesion_volume_mm3: float | None = None) -> ModelSet:
+    """A model set of nnU-Net v2 results folders (the command line's ``--model`` options). ``postprocess`` None
+    means the command line's default (:func:`default_postprocess`)."""
     trusted = {Path(p).resolve() for p in trusted_checkpoints}
     members: list[Member] = []
     for path in paths:
@@ -192,8 +220,11 @@ def nnunet_model_set(paths: Sequence[str | Path], weights: Sequence[float] | Non
         trust = any(model_dir in t.parents for t in trusted)
         members.append(NnUNetMember(model_dir, folds=folds, checkpoint=checkpoint, use_mirroring=use_mirroring,
                                     tile_step_size=tile_step_size, trust_checkpoint=trust))
+    if postprocess is None:
+        postprocess = default_postprocess(members) if members else DEFAULT_POSTPROCESS
     steps = _parse_postprocess(postprocess, "")
-    return ModelSet(members, list(weights) if weights else [1.0] * len(members), steps, label_rule=label_rule)
+    return ModelSet(members, list(weights) if weights else [1.0] * len(members), steps, label_rule=label_rule,
+                    min_lesion_volume_mm3=min_lesion_volume_mm3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -411,13 +442,21 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
     description = data.get("description")
     if description is not None and not isinstance(description, str):
         raise check.fail(None, "description must be a string", "Write the description as one JSON string.")
-    postprocess = data.get("postprocess", DEFAULT_POSTPROCESS)
+    postprocess = data.get("postprocess")  # None: the default of the members' label set, once they are read
     if isinstance(postprocess, list) and all(isinstance(p, str) for p in postprocess):
         postprocess = ",".join(postprocess) or "none"
-    if not isinstance(postprocess, str):
+    if postprocess is not None and not isinstance(postprocess, str):
         raise check.fail(None, f"postprocess must be a rule string or a list of them, got {json.dumps(postprocess)}",
                          'Write e.g. "postprocess": "ratio-adaptive" or ["min-size:50", "et-to-netc:500"].')
-    steps = _parse_postprocess(postprocess, f"{manifest}: postprocess: ")
+    steps = _parse_postprocess(postprocess, f"{manifest}: postprocess: ") if postprocess is not None else None
+    min_lesion_volume = data.get("min_lesion_volume_mm3")
+    if min_lesion_volume is not None:
+        min_lesion_volume = check.number(min_lesion_volume, None, "min_lesion_volume_mm3",
+                                         "Give the smallest lesion to count in mm³ (e.g. 100), or 0 to count all.",
+                                         positive=False)
+        if not 0 <= min_lesion_volume < float("inf"):
+            raise check.fail(None, f"min_lesion_volume_mm3 must be a finite number >= 0, got {min_lesion_volume:g}",
+                             "Give the smallest lesion to count in mm³ (e.g. 100), or 0 to count all.")
     recipe = data.get("recipe")
     if recipe is not None and (not isinstance(recipe, str) or not recipe.strip()):
         raise check.fail(None, f"recipe must be the name of the recipe the set was made from, got "
@@ -500,9 +539,12 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
         class_weights.append(factors)
         sources.append({k: raw[k] for k in ("url", "sha256") if k in raw})
     try:
+        if steps is None:
+            steps = parse_steps(default_postprocess(members))
         return ModelSet(members, weights, steps, class_weights=class_weights, name=name.strip(),
                         description=description, manifest=manifest, member_sources=sources,
                         manifest_sha256=digest, label_rule=label_rule,
-                        recipe={"name": recipe.strip()} if recipe else None)
+                        recipe={"name": recipe.strip()} if recipe else None,
+                        min_lesion_volume_mm3=min_lesion_volume)
     except ModelError as exc:
         raise ModelError(f"{manifest}: {exc}") from exc

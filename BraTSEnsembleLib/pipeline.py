@@ -16,15 +16,15 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__
-from .case import Case, StagedFiles, write_json, write_label_map, write_scalar_map
+from .case import Case, StagedFiles, write_csv, write_json, write_label_map, write_scalar_map
 from .ensemble import ARGMAX, StreamingEnsemble, fused_labels, fusion_space
 from .errors import Cancelled, DeviceError, OutputError
+from .lesions import LESION_COLUMNS, class_statistics, lesion_rows
 from .modelset import ModelSet
 from .postprocess import apply_steps
 from .results import commit_case_files, output_paths
 from .roles import ensure_roles_available
-from .stats import region_statistics
-from .uncertainty import VoteCounter, member_agreement, normalised_entropy, summarise
+from .uncertainty import AGREEMENT_REGIONS, VoteCounter, member_agreement, normalised_entropy, summarise
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ CancelCheck = Callable[[], bool]
 
 @dataclass
 class Result:
-    """Labels (uint8, z·y·x, canonical BraTS 2023 values) on the reference grid, statistics and provenance."""
+    """Labels (uint8, z·y·x) on the reference grid — canonical BraTS 2023 values, or for models with their own label
+    set the values of their dataset.json — statistics, per-lesion tables and provenance."""
 
     case_id: str
     labels: np.ndarray
@@ -55,10 +56,12 @@ class Result:
     provenance: dict[str, Any] = field(default_factory=dict)
     #: per-voxel uncertainty maps (float32, z·y·x): 'disagreement' and 'entropy' (see :mod:`.uncertainty`)
     uncertainty: dict[str, np.ndarray] = field(default_factory=dict)
+    #: per reported region (or class), its lesions (see :mod:`BraTSEnsembleLib.lesions`)
+    lesions: dict[str, list] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        """The statistics JSON: case id, regions, and how they were made."""
-        return {"case_id": self.case_id, "regions": self.statistics, **self.provenance}
+        """The statistics JSON: case id, regions (classes), their lesions, and how they were made."""
+        return {"case_id": self.case_id, "regions": self.statistics, "lesions": self.lesions, **self.provenance}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -123,28 +126,32 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
     emit(ProgressEvent("postprocess", case.case_id, 0.96,
                        ", ".join(map(str, model_set.postprocess)) or "no postprocessing"))
     labels, records = apply_steps(raw_labels, model_set.postprocess)
-    statistics = region_statistics(labels, case.reference.GetSpacing())
+    label_set = model_set.label_set
+    statistics, lesions = class_statistics(labels, case.reference, label_set, model_set.min_lesion_volume_mm3)
     maps = {"disagreement": votes.disagreement(raw_labels), "entropy": normalised_entropy(fused)}
     provenance = {
         **model_set.describe(),
         "postprocess_details": records,
-        "uncertainty": summarise(maps, labels, list(statistics)),
+        "uncertainty": summarise(maps, labels, list(statistics), label_set.mask),
         "member_agreement": _agreement_records(model_set, member_labels, labels),
         "device": str(torch_device),
         "inputs": {role: case.source(role) for role in case.roles},
         "software": {"brats_ensemble": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "seconds": round(time.perf_counter() - started, 2),
     }
-    return Result(case.case_id, labels, case.reference, statistics, provenance, maps)
+    return Result(case.case_id, labels, case.reference, statistics, provenance, maps, lesions)
 
 
 def _agreement_records(model_set: ModelSet, member_labels: list[np.ndarray],
                        labels: np.ndarray) -> list[dict[str, Any]]:
     """``[{"member": name, "dice": {"WT": …, "TC": …, "ET": …}}]``: each member's own labels against the final ones
-    (a list, in member order, because names given with ``--model`` need not be unique)."""
+    (a list, in member order, because names given with ``--model`` need not be unique); per class for models with
+    their own label set."""
+    label_set = model_set.label_set
+    regions = AGREEMENT_REGIONS if label_set.is_brats else label_set.names
     records = []
     for member, own in zip(model_set.members, member_labels):
-        scores = member_agreement({member.name: own}, labels)[member.name]
+        scores = member_agreement({member.name: own}, labels, regions, label_set.mask)[member.name]
         records.append({"member": member.name, "dice": {r: round(v, 4) for r, v in scores.items()}})
     return records
 
@@ -175,6 +182,7 @@ def write_result(result: Result, out_dir: str | Path, overwrite: bool = False,
         if save_uncertainty:
             for name, values in result.uncertainty.items():
                 written[name] = write_scalar_map(values, result.reference, paths[name], staged)
+        written["lesions"] = write_csv(lesion_rows(result.lesions), paths["lesions"], LESION_COLUMNS, staged)
         files = {f"{kind}_file": path.name for kind, path in written.items()}
         written["statistics"] = write_json({**result.summary(), **files}, paths["statistics"], staged)
         # Reached with --overwrite (or nothing there): the earlier JSON goes first, so that the case never looks

@@ -680,8 +680,11 @@ def uncertainty_map_path(out_dir: str | Path, case_id: str, kind: str = SHOWN_UN
 def finalize_case_outputs(out_dir: str | Path, case_id: str, include_derived: bool = False,
                           uncertainty: bool = False) -> dict[str, Path]:
     """After ``predict``: write ``<id>.seg.nrrd`` and ``<id>-statistics.csv`` beside the CLI's ``<id>.nii.gz`` and
-    ``<id>.json``. Returns the paths by kind ('labels', 'json', 'segmentation', 'csv'; with ``uncertainty``, also
-    'uncertainty': the map to show, which must have been asked for with ``--save-uncertainty``)."""
+    ``<id>.json``. Returns the paths by kind ('labels', 'json', 'segmentation', 'csv', 'lesions' (the CLI's
+    per-lesion table, when there); with ``uncertainty``, also 'uncertainty': the map to show, which must have been
+    asked for with ``--save-uncertainty``). For a model with its own label set (the JSON's ``label_set``), the
+    segments are its classes."""
+    from .labelsets import LabelSet
     from .segmentation import label_file_to_seg_nrrd, write_statistics_csv
 
     out_dir = Path(out_dir)
@@ -691,10 +694,16 @@ def finalize_case_outputs(out_dir: str | Path, case_id: str, include_derived: bo
     for path in expected:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: brats-ensemble did not write it")
-    seg = label_file_to_seg_nrrd(labels, out_dir / f"{case_id}.seg.nrrd", include_derived=include_derived)
-    csv_path = write_statistics_csv(json.loads(stats_json.read_text(encoding="utf-8")),
-                                    out_dir / f"{case_id}-statistics.csv")
+    summary = json.loads(stats_json.read_text(encoding="utf-8"))
+    # A model with its own label set (e.g. one class "metastasis"): its classes become the segments.
+    label_set = LabelSet.from_json(summary.get("label_set") if isinstance(summary, dict) else None, str(stats_json))
+    seg = label_file_to_seg_nrrd(labels, out_dir / f"{case_id}.seg.nrrd", include_derived=include_derived,
+                                 label_set=label_set)
+    csv_path = write_statistics_csv(summary, out_dir / f"{case_id}-statistics.csv")
     outputs = {"labels": labels, "json": stats_json, "segmentation": seg, "csv": csv_path}
+    lesions_csv = out_dir / f"{case_id}_lesions.csv"  # one row per lesion (brats-ensemble writes it)
+    if lesions_csv.is_file():
+        outputs["lesions"] = lesions_csv
     if uncertainty:
         outputs["uncertainty"] = uncertainty_map_path(out_dir, case_id)
     return outputs

@@ -51,10 +51,12 @@ _NOT_LABEL_SET_KEYS = frozenset({"model_set", "recipe"})
 
 
 def output_paths(out_dir: str | Path, case_id: str) -> dict[str, Path]:
-    """Where a case's results go: ``<id>.nii.gz`` (labels), ``<id>.json`` (statistics) and, when asked for, the
-    uncertainty maps ``<id>_disagreement.nii.gz`` and ``<id>_entropy.nii.gz``."""
+    """Where a case's results go: ``<id>.nii.gz`` (labels), ``<id>.json`` (statistics), ``<id>_lesions.csv`` (one
+    row per lesion) and, when asked for, the uncertainty maps ``<id>_disagreement.nii.gz`` and
+    ``<id>_entropy.nii.gz``."""
     out = Path(out_dir)
     return {"labels": out / f"{case_id}.nii.gz", "statistics": out / f"{case_id}.json",
+            "lesions": out / f"{case_id}_lesions.csv",
             "disagreement": out / f"{case_id}_disagreement.nii.gz", "entropy": out / f"{case_id}_entropy.nii.gz"}
 
 

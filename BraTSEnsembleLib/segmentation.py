@@ -15,6 +15,12 @@ modifiers the entries name the project's own terminology context (:data:`CATEGOR
 :func:`terminology_context` writes in Slicer's ``.term.json`` format; the Slicer module ships it as
 ``BraTSEnsemble/Resources/SegmentationCategoryTypeModifier-BraTSEnsemble.term.json`` and loads it into Slicer's
 Terminologies logic, so every segment's entry resolves there (codes, names and colours).
+
+**Models with their own label set** (see :mod:`BraTSEnsembleLib.labelsets`; e.g. one class "metastasis"): one
+segment per class of the set, in value order, on layer 0 with the class's own value; segment ID and name are the
+class's ``dataset.json`` name (the keys of the result JSON's ``regions``), the colour is the class's entry in
+:data:`GENERIC_COLORS` (by its position in the set), and the terminology is :func:`generic_terminology_entry`: the
+generic "Tissue" entry that Slicer itself gives a new segment, since a dataset's class names carry no code.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import SimpleITK as sitk
 from . import labels as L
 from .case import _atomic_write, write_csv
 from .errors import InputError
+from .labelsets import BRATS_LABEL_SET, LabelSet
 
 #: The project's own terminology context (the ``.term.json`` the Slicer module ships and loads).
 CATEGORY_CONTEXT = "Segmentation category and type - BraTS Ensemble"
@@ -67,6 +74,15 @@ STATISTICS_COLUMNS: tuple[str, ...] = ("Region", "Description", "Volume [mL]", "
 
 # Single-label regions and their value in the first layer of the file (the BraTS 2023 label value).
 _LABEL_VALUE: dict[str, int] = {"NETC": L.NETC, "SNFH": L.SNFH, "ET": L.ET, "RC": L.RC}
+
+#: Slicer's generic terminology for a segment whose meaning no code says (what Slicer gives a new segment).
+GENERIC_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+TISSUE = ["SCT", "85756007", "Tissue"]
+#: Colours of the classes of a model with its own label set, by position in the set (distinct on grey images;
+#: repeated after ten classes).
+GENERIC_COLORS: tuple[tuple[float, float, float], ...] = (
+    (0.90, 0.10, 0.10), (0.10, 0.60, 0.95), (1.00, 0.80, 0.00), (0.20, 0.75, 0.25), (0.75, 0.35, 0.85),
+    (1.00, 0.50, 0.05), (0.10, 0.80, 0.80), (0.95, 0.40, 0.65), (0.55, 0.40, 0.20), (0.60, 0.60, 0.60))
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,21 @@ def terminology_context() -> dict[str, Any]:
             "SegmentationCodes": {"Category": [category]}}
 
 
+def generic_terminology_entry() -> dict[str, Any]:
+    """The terminology of a class of a model with its own label set: Slicer's generic "Tissue" entry."""
+    return {"contextName": GENERIC_CONTEXT, "category": list(TISSUE), "type": list(TISSUE)}
+
+
+def label_set_segment_specs(label_set: LabelSet) -> list[SegmentSpec]:
+    """One segment per class of a dataset label set, in value order: ID and name the class's name, a colour of
+    :data:`GENERIC_COLORS`, the generic terminology (see the module docstring)."""
+    if label_set.is_brats:
+        raise ValueError("BraTS label maps have segment_specs(); this is for models with their own label set")
+    return [SegmentSpec(c.name, c.name, c.name, GENERIC_COLORS[index % len(GENERIC_COLORS)],
+                        generic_terminology_entry(), False)
+            for index, c in enumerate(label_set.classes)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Geometry and the .seg.nrrd writer
 
@@ -170,24 +201,36 @@ def ijk_to_lps(image: sitk.Image) -> np.ndarray:
 
 
 def label_map_to_segmentation(
-    labels_zyx: np.ndarray, reference: sitk.Image, include_derived: bool = False
+    labels_zyx: np.ndarray, reference: sitk.Image, include_derived: bool = False,
+    label_set: LabelSet = BRATS_LABEL_SET,
 ) -> dict[str, Any]:
     """A slicerio segmentation dict from a canonical BraTS label map (z, y, x) on the reference image grid.
 
     Layer 0 holds the label map with its BraTS values (1 NETC, 2 SNFH, 3 ET, 4 RC if present); TC and WT, when
-    asked for, each get a further layer with value 1. Raises InputError on a shape mismatch or unknown values.
+    asked for, each get a further layer with value 1. For a model with its own ``label_set`` layer 0 holds its
+    values, one segment per class (``include_derived`` does not apply). Raises InputError on a shape mismatch or
+    unknown values.
     """
     labels_zyx = np.asarray(labels_zyx)
     expected = tuple(reversed(reference.GetSize()))
     if labels_zyx.shape != expected:
         raise InputError(f"label map has shape {labels_zyx.shape} (z, y, x) but the reference image has {expected}")
     present = np.unique(labels_zyx)
-    unknown = sorted(int(v) for v in present if int(v) not in (L.BACKGROUND, L.NETC, L.SNFH, L.ET, L.RC))
-    if unknown:
-        raise InputError(f"label map has values {unknown} that are not BraTS 2023 labels (0 background, 1 NETC, "
-                         "2 SNFH, 3 ET, 4 RC); convert BraTS 2021 maps (4 = ET) first")
-    include_rc = bool(np.any(present == L.RC))
-    specs = segment_specs(include_derived=include_derived, include_rc=include_rc)
+    if label_set.is_brats:
+        unknown = sorted(int(v) for v in present if int(v) not in (L.BACKGROUND, L.NETC, L.SNFH, L.ET, L.RC))
+        if unknown:
+            raise InputError(f"label map has values {unknown} that are not BraTS 2023 labels (0 background, 1 NETC, "
+                             "2 SNFH, 3 ET, 4 RC); convert BraTS 2021 maps (4 = ET) first")
+        include_rc = bool(np.any(present == L.RC))
+        specs = segment_specs(include_derived=include_derived, include_rc=include_rc)
+        values = dict(_LABEL_VALUE)
+    else:
+        values = {c.name: c.value for c in label_set.classes}
+        unknown = sorted(int(v) for v in present if int(v) != 0 and int(v) not in values.values())
+        if unknown:
+            raise InputError(f"label map has values {unknown} that are not classes of its model's "
+                             f"{label_set.describe()}")
+        specs = label_set_segment_specs(label_set)
     layer0 = np.ascontiguousarray(labels_zyx.astype(np.uint8).transpose(2, 1, 0))  # (i, j, k) = (x, y, z)
     layers = [layer0]
     full_extent = [0, layer0.shape[0] - 1, 0, layer0.shape[1] - 1, 0, layer0.shape[2] - 1]
@@ -197,7 +240,7 @@ def label_map_to_segmentation(
             layers.append(L.region_mask(layer0, spec.region).astype(np.uint8))
             layer, value = len(layers) - 1, 1
         else:
-            layer, value = 0, _LABEL_VALUE[spec.region]
+            layer, value = 0, values[spec.region]
         segments.append({
             "id": spec.segment_id,
             "name": spec.name,
@@ -225,25 +268,29 @@ def label_map_to_segmentation(
 
 
 def write_seg_nrrd(labels_zyx: np.ndarray, reference: sitk.Image, path: str | Path,
-                   include_derived: bool = False) -> Path:
-    """Write a BraTS label map (z, y, x) as a Slicer ``.seg.nrrd`` on the reference geometry (atomically)."""
+                   include_derived: bool = False, label_set: LabelSet = BRATS_LABEL_SET) -> Path:
+    """Write a label map (z, y, x; BraTS, or of ``label_set``) as a Slicer ``.seg.nrrd`` on the reference geometry
+    (atomically)."""
     import slicerio
 
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd"):
         raise ValueError(f"{path}: a segmentation file name must end with .seg.nrrd")
-    segmentation = label_map_to_segmentation(labels_zyx, reference, include_derived=include_derived)
+    segmentation = label_map_to_segmentation(labels_zyx, reference, include_derived=include_derived,
+                                             label_set=label_set)
     _atomic_write(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation))
     return path
 
 
-def label_file_to_seg_nrrd(label_path: str | Path, seg_path: str | Path, include_derived: bool = False) -> Path:
-    """Convert a BraTS label map file (NIfTI/NRRD, e.g. ``OUT_DIR/<id>.nii.gz`` from the CLI) to ``.seg.nrrd``."""
+def label_file_to_seg_nrrd(label_path: str | Path, seg_path: str | Path, include_derived: bool = False,
+                           label_set: LabelSet = BRATS_LABEL_SET) -> Path:
+    """Convert a label map file (NIfTI/NRRD, e.g. ``OUT_DIR/<id>.nii.gz`` from the CLI) to ``.seg.nrrd``; give the
+    ``label_set`` of its result JSON (:meth:`LabelSet.from_json`) for models with their own classes."""
     from .case import read_image
 
     image = read_image(label_path)
     labels_zyx = sitk.GetArrayFromImage(image)
-    return write_seg_nrrd(labels_zyx, image, seg_path, include_derived=include_derived)
+    return write_seg_nrrd(labels_zyx, image, seg_path, include_derived=include_derived, label_set=label_set)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,7 +306,13 @@ def statistics_rows(statistics: Mapping[str, Any], regions: Sequence[str] | None
     by_region = statistics.get("regions", statistics)
     if not isinstance(by_region, Mapping):
         raise ValueError("statistics must be a dict of regions")
-    order = list(regions) if regions is not None else [r for r in STATISTICS_REGIONS if r in by_region]
+    own_classes = not LabelSet.from_json(statistics.get("label_set"), "statistics").is_brats
+    if regions is not None:
+        order = list(regions)
+    elif own_classes:  # a model with its own label set: its classes, in the result's order
+        order = list(by_region)
+    else:
+        order = [r for r in STATISTICS_REGIONS if r in by_region]
     rows = []
     for region in order:
         values = by_region.get(region)
@@ -271,7 +324,10 @@ def statistics_rows(statistics: Mapping[str, Any], regions: Sequence[str] | None
             lesions = int(values["lesions"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"statistics for {region} lack volume_ml/voxels/lesions: {dict(values)}") from exc
-        description = L.REGIONS[region].description if region in L.REGIONS else region
+        if own_classes:
+            description = f"label {values.get('value', '?')}"
+        else:
+            description = L.REGIONS[region].description if region in L.REGIONS else region
         rows.append({"Region": region, "Description": description, "Volume [mL]": round(volume, 3),
                      "Voxels": voxels, "Lesions": lesions})
     return rows

@@ -21,12 +21,16 @@ the ensemble's final labels (after postprocessing), per region (WT, TC, ET), rec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from .labels import region_mask
 from .members.base import Probabilities
+
+#: ``mask(labels, name)``: the boolean mask of a reported name (a BraTS region by default; a class of a model with
+#: its own label set through :meth:`BraTSEnsembleLib.labelsets.LabelSet.mask`).
+MaskFunction = Callable[[np.ndarray, str], np.ndarray]
 
 
 @dataclass
@@ -78,11 +82,12 @@ def normalised_entropy(probabilities: Probabilities) -> np.ndarray:
     return (entropy / np.float32(np.log(classes))).clip(0.0, 1.0).astype(np.float32)
 
 
-def summarise(maps: dict[str, np.ndarray], labels: np.ndarray, regions: list[str]) -> dict[str, dict[str, float]]:
+def summarise(maps: dict[str, np.ndarray], labels: np.ndarray, regions: list[str],
+              mask_of: MaskFunction = region_mask) -> dict[str, dict[str, float]]:
     """``{region: {"mean_<map>": value}}``: each map's mean inside each region of the final labels (None if empty)."""
     summary: dict[str, dict[str, float]] = {}
     for region in regions:
-        mask = region_mask(labels, region)
+        mask = mask_of(labels, region)
         summary[region] = {
             f"mean_{name}": (round(float(values[mask].mean()), 4) if mask.any() else None)  # type: ignore[misc]
             for name, values in maps.items()
@@ -94,16 +99,18 @@ def summarise(maps: dict[str, np.ndarray], labels: np.ndarray, regions: list[str
 AGREEMENT_REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
 
 
-def region_dice(a: np.ndarray, b: np.ndarray, region: str) -> float:
+def region_dice(a: np.ndarray, b: np.ndarray, region: str, mask_of: MaskFunction = region_mask) -> float:
     """Dice of one region of two canonical label maps (1.0 when the region is empty in both)."""
-    mask_a, mask_b = region_mask(a, region), region_mask(b, region)
+    mask_a, mask_b = mask_of(a, region), mask_of(b, region)
     total = int(mask_a.sum()) + int(mask_b.sum())
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(mask_a, mask_b).sum()) / total
 
 
 def member_agreement(member_labels: Mapping[str, np.ndarray], final_labels: np.ndarray,
-                     regions: Sequence[str] = AGREEMENT_REGIONS) -> dict[str, dict[str, float]]:
-    """``{member: {region: Dice}}`` of each member's own label map with the ensemble's final labels."""
-    return {name: {region: region_dice(labels, final_labels, region) for region in regions}
+                     regions: Sequence[str] = AGREEMENT_REGIONS,
+                     mask_of: MaskFunction = region_mask) -> dict[str, dict[str, float]]:
+    """``{member: {region: Dice}}`` of each member's own label map with the ensemble's final labels (per class of
+    its own label set, with ``regions`` and ``mask_of`` of that set)."""
+    return {name: {region: region_dice(labels, final_labels, region, mask_of) for region in regions}
             for name, labels in member_labels.items()}
 

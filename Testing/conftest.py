@@ -78,6 +78,33 @@ def trained_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Traine
 
 
 @pytest.fixture(scope="session")
+def metastasis_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained nnU-Net v2 model with its own label set: one input channel (T1c) and one class, "metastasis"
+    (``python -m BraTSEnsembleLib.demo.labelset_train``). Cached like ``trained_models``, under its own key."""
+    digest = hashlib.sha256()
+    for part in ("BraTSEnsembleLib/demo/labelset_train.py", "BraTSEnsembleLib/demo/nnunet_train.py",
+                 "BraTSEnsembleLib/demo/phantom.py"):
+        digest.update((ROOT / part).read_bytes())
+    cache_root = os.environ.get("BRATS_ENSEMBLE_MODEL_CACHE")
+    base = (Path(cache_root) / f"labelset-{digest.hexdigest()[:16]}" if cache_root
+            else tmp_path_factory.mktemp("labelset"))
+    marker = base / "M.path"
+    if marker.is_file() and Path(marker.read_text()).is_dir():
+        return Path(marker.read_text())
+    work = base / "workM"
+    shutil.rmtree(work, ignore_errors=True)
+    done = subprocess.run([sys.executable, "-m", "BraTSEnsembleLib.demo.labelset_train", "--work", str(work),
+                           "--epochs", "3", "--iterations", "6", "--cases", "6"], cwd=ROOT, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"training the metastasis model failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    path = Path(done.stdout.strip().splitlines()[-1])
+    base.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def phantom_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cohort folder of three phantom cases (seeds never used for training) in BraTS 2023 naming."""
     from BraTSEnsembleLib.demo.phantom import make_phantom

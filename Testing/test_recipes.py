@@ -32,7 +32,7 @@ from test_modelset import mednext_state
 from test_umamba import BOT, plans_v211, write_results_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ("goat2024", "goat2025", "nnunet-default", "sparkans2025")
+RECIPES = ("brats2020-nnunet", "goat2024", "goat2025", "nnunet-default", "ped2023-swinunetr", "sparkans2025")
 
 
 def recipe_steps(name: str):
@@ -391,3 +391,38 @@ def test_a_recipe_written_as_a_manifest_runs_as_a_model_set_and_names_its_recipe
     with pytest.raises(ModelError, match="exists"):
         write_recipe_manifest("nnunet-default", [("model", folder)], path)
     assert json.loads(path.read_text()) == data
+
+
+@pytest.mark.slow
+def test_brats2020_recipe_on_a_2020_style_model_gives_the_2023_style_model_labels(trained_models, phantom_cases,
+                                                                                  tmp_path: Path) -> None:
+    """A BraTS 2020-style results folder (channels T1/T1CE/T2/FLAIR, labels 1 NCR/NET, 2 ED, 4 ET named as BraTS 2020
+    names them) made from model A's fold 0 by rewriting its dataset.json only: the recipe must give the labels of A's
+    fold 0 voxel for voxel (classes matched by name; ET, value 4 in the model, written as 3)."""
+    a = trained_models["A"].path
+    old = tmp_path / "Dataset520_BraTS2020" / a.name
+    old.mkdir(parents=True)
+    shutil.copy(a / "plans.json", old / "plans.json")
+    dataset = json.loads((a / "dataset.json").read_text())
+    assert dataset["channel_names"] == {"0": "t1n", "1": "t1c", "2": "t2w", "3": "t2f"}
+    dataset.update(channel_names={"0": "T1", "1": "T1CE", "2": "T2", "3": "FLAIR"},
+                   labels={"background": 0, "NCR/NET": 1, "ED": 2, "ET": 4})
+    (old / "dataset.json").write_text(json.dumps(dataset))
+    (old / "fold_0").symlink_to(a / "fold_0", target_is_directory=True)  # the recipe takes every fold there
+    case_dir = sorted(phantom_cases.iterdir())[2]
+    results = {}
+    for name, model_options in (("brats2020-nnunet", ["--recipe", "brats2020-nnunet", "--model", f"model={old}"]),
+                                ("plain", ["--model", str(a), "--folds", "0", "--postprocess", "none"])):
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, "-m", "BraTSEnsembleLib.cli", "predict", str(case_dir), "-o", str(out),
+                               *model_options, "--mirroring", "off", "--device", "cpu", "--progress", "none"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case_dir.name}.nii.gz")))
+        summary = json.loads((out / f"{case_dir.name}.json").read_text())
+        assert summary["label_set"]["kind"] == "brats"
+    assert np.array_equal(results["brats2020-nnunet"], results["plain"])
+    assert set(np.unique(results["brats2020-nnunet"]).tolist()) == {0, NETC, SNFH, ET}  # ET as 3, never 4
+    summary = json.loads((tmp_path / "brats2020-nnunet" / f"{case_dir.name}.json").read_text())
+    assert summary["recipe"]["name"] == "brats2020-nnunet" and summary["postprocess"] == []
+    assert summary["members"][0]["channels"] == ["t1n", "t1c", "t2w", "t2f"] and summary["members"][0]["folds"] == ["0"]

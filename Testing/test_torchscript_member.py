@@ -77,7 +77,7 @@ def make_case(shape_zyx: tuple[int, int, int] = (22, 27, 25), spacing_xyz: tuple
 
 def oracle(network: nn.Module, case: Any, roles: tuple[str, ...], roi: tuple[int, ...], *, overlap: float, mode: str,
            axis_order: str, activation: str, mirroring: bool = False, nonzero: bool = True,
-           target_spacing: tuple[float, ...] | None = None) -> np.ndarray:
+           target_spacing: tuple[float, ...] | None = None, sw_batch_size: int = 1) -> np.ndarray:
     """MONAI called directly: the case's arrays on the model's axes, (Spacing,) NormalizeIntensity,
     sliding_window_inference, (Spacing.inverse,) activation, back to (z, y, x)."""
     from monai.data import MetaTensor
@@ -103,7 +103,8 @@ def oracle(network: nn.Module, case: Any, roles: tuple[str, ...], roi: tuple[int
         return sum(torch.flip(network(torch.flip(x, f) if f else x), f) if f else network(x) for f in flips) / 8
 
     with torch.inference_mode():
-        logits = sliding_window_inference(data[None].float(), roi, 1, predictor, overlap=overlap, mode=mode)[0]
+        logits = sliding_window_inference(data[None].float(), roi, sw_batch_size, predictor, overlap=overlap,
+                                          mode=mode)[0]
     if spacing_transform is not None:
         stitched = MetaTensor(logits)
         stitched.copy_meta_from(resampled, copy_attr=True)

@@ -36,6 +36,7 @@ import torch
 from ..checkpoints import load_checkpoint
 from ..errors import ModelError
 from ..labels import BACKGROUND, class_mapping_from_dataset_labels
+from ..labelsets import label_set_from_dataset_labels
 from ..roles import ensure_roles_available, model_channel_roles
 from .base import LABEL_SPACE, NESTED_REGIONS, REGION_SPACE, REGION_WRITES, Probabilities, StepReporter
 
@@ -165,13 +166,17 @@ class NnUNetMember:
             # nnU-Net's output channels are the regions in the order of dataset.json (foreground_regions).
             self._regions = region_channels(label_dict, str(self.model_dir / "dataset.json"))
             self._labels = tuple(sorted({BACKGROUND, *(REGION_WRITES[r] for r in self._regions)}))
-        else:
+        #: the classes the model predicts (BraTS, or its own from dataset.json; see BraTSEnsembleLib.labelsets)
+        self.label_set = label_set_from_dataset_labels(label_dict, str(self.model_dir / "dataset.json"))
+        if self.space == LABEL_SPACE and self.label_set.is_brats:
             try:
                 mapping = class_mapping_from_dataset_labels(label_dict)
             except ValueError as exc:
                 raise ModelError(f"{self.model_dir / 'dataset.json'}: {exc}") from exc
             # nnU-Net's output channels are the label values in ascending order (LabelManager.all_labels).
             self._labels = tuple(mapping[v] for v in sorted(mapping))
+        elif self.space == LABEL_SPACE:  # the model's own classes: channels named by their dataset.json values
+            self._labels = (BACKGROUND, *(c.value for c in self.label_set.classes))
         self._predictor: Any = None
 
     @property
@@ -224,6 +229,10 @@ class NnUNetMember:
             from .umamba import build_umamba_network
 
             return build_umamba_network(trainer_name, self.plans, configuration, num_inputs, num_outputs)
+        from .swinunetr import is_swinunetr_trainer, nnunet_swinunetr_network
+
+        if is_swinunetr_trainer(trainer_name):  # built in the trainer's code, not from the plans
+            return nnunet_swinunetr_network(trainer_name, num_inputs, num_outputs)
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
         try:

@@ -38,6 +38,13 @@ tuple/list whose first element is that (deep supervision). K must be the number 
    (``"softmax"`` over channels, or ``"sigmoid"`` per channel) and the axes are put back in the case's (z, y, x)
    order.
 
+**Checked when the model set is built.** A ``monai`` network is built without its weights and run on one window of
+"meta" tensors (shapes only, no arithmetic): arguments it refuses, a ``roi_size`` it does not take (Swin UNETR:
+multiples of 32) and an output that is not one channel per declared class or region on the window's grid are refused
+then, before any member runs. Networks whose code cannot run on "meta" tensors, and TorchScript files, are checked
+when they run. SwinUNETR's patch merging depends on the MONAI version it was trained with: see
+:mod:`BraTSEnsembleLib.members.swinunetr` (``"downsample": "merging-legacy"`` for MONAI ≤ 1.4 checkpoints).
+
 **Channel semantics.** ``activation: "softmax"`` — label space: ``class_labels`` maps every output channel to a
 distinct BraTS label 0-4 (as MedNeXt's ``class_labels``). ``activation: "sigmoid"`` — nested-region space:
 ``regions`` names the region of each output channel, each of WT, TC and ET once, in channel order; the BraTS MONAI
@@ -51,6 +58,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Sequence
@@ -202,6 +210,10 @@ def check_network_spec(spec: Mapping[str, Any], n_inputs: int, n_outputs: int) -
         if isinstance(value, int) and value != expected:
             given = "" if key in kwargs else " (its default)"
             raise ValueError(f"{cls.__name__} has {key}={value}{given} but {what} {expected} channel(s)")
+    from .swinunetr import is_swinunetr_class, swinunetr_arguments
+
+    if is_swinunetr_class(cls):  # its patch merging depends on the MONAI version: see members/swinunetr.py
+        kwargs = swinunetr_arguments(kwargs)
     return cls, kwargs
 
 
@@ -605,13 +617,43 @@ class MonaiNetworkMember(SlidingWindowMember):
         except ValueError as exc:
             raise ModelError(f"{self.where}: network: {exc}") from exc
         self.network_spec = dict(network)
+        from .swinunetr import is_swinunetr_class, unstated_merging_warning
+
+        if is_swinunetr_class(self.network_class) and "downsample" not in network:
+            warnings.warn(unstated_merging_warning(self.where), RuntimeWarning, stacklevel=2)
+        self._check_windows()
+
+    def _check_windows(self) -> None:
+        """Build the network without its weights and run it on one window of "meta" tensors (shapes only, no
+        arithmetic), so that a network that refuses its arguments, does not take ``roi_size`` windows, or does not
+        return one channel per declared output is refused when the model set is built, not when it runs. Networks
+        whose code cannot run on "meta" tensors are checked when they run."""
         try:
-            with torch.device("meta"):  # the arguments are checked by building the network without memory
-                self._build()
+            with torch.device("meta"):
+                network = self._build()
         except ModelError:
             raise
-        except Exception:  # noqa: BLE001 - a class that cannot be built on "meta"; load_network will tell
-            pass
+        except Exception:  # noqa: BLE001 - classes that compute values while they are built (SwinUNETR)
+            network = self._build().to("meta")
+        window = torch.empty((1, len(self.roles), *self.settings.roi_size), device="meta")
+        try:
+            with torch.inference_mode():
+                WindowPredictor(network.eval(), len(self.channels), [()], self.where)._logits(window)
+        except ModelError:
+            raise
+        except (NotImplementedError, RuntimeError) as exc:
+            if "meta" in str(exc).lower() or isinstance(exc, NotImplementedError):
+                return  # an operation without a shape-only version: predict() checks the output instead
+            raise self._window_failure(exc) from exc
+        except (ValueError, TypeError, AssertionError) as exc:
+            raise self._window_failure(exc) from exc
+
+    def _window_failure(self, exc: BaseException) -> ModelError:
+        return ModelError(
+            f"{self.where}: network: {self.network_class.__name__} does not take windows of shape (1, "
+            f"{len(self.roles)}, {', '.join(map(str, self.settings.roi_size))}) ({_last_line(exc)}). Give the roi_size "
+            "the model was trained with (Swin UNETR: multiples of 32) and the network arguments it was trained "
+            "with.")
 
     def _build(self) -> nn.Module:
         """The network from the manifest's arguments; ModelError when the class refuses them."""

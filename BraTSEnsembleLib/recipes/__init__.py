@@ -46,11 +46,13 @@ class Overrides:
     labels: str | None = None
     postprocess: str | None = None
     mirroring: bool | None = None
+    min_lesion_volume_mm3: float | None = None
 
     def given(self) -> dict[str, Any]:
         """The overrides that were set, as recorded in the output."""
         return {k: v for k, v in (("labels", self.labels), ("postprocess", self.postprocess),
-                                  ("mirroring", self.mirroring)) if v is not None}
+                                  ("mirroring", self.mirroring),
+                                  ("min_lesion_volume_mm3", self.min_lesion_volume_mm3)) if v is not None}
 
 
 def recipe_names() -> list[str]:
@@ -129,6 +131,8 @@ def fill_recipe(recipe: Mapping[str, Any], models: Sequence[tuple[str, Path]],
         manifest["labels"] = overrides.labels
     if overrides.postprocess is not None:
         manifest["postprocess"] = overrides.postprocess
+    if overrides.min_lesion_volume_mm3 is not None:
+        manifest["min_lesion_volume_mm3"] = overrides.min_lesion_volume_mm3
     return manifest
 
 
