@@ -19,6 +19,8 @@ from .case import check_output_folder, discover_case_files, read_case_folder, wr
 from .downloads import register_models_command, run_models_command
 from .errors import BraTSEnsembleError, Cancelled, InputError, ModelError
 from .ensemble import LABEL_RULES
+from .limits import (DEFAULT_MEMORY_BUDGET_GIB, SPACING_RANGE_MM, Limits, check_tile_step, check_weights,
+                     memory_budget_bytes, use_limits)
 from .modelset import ModelSet, load_model_set, nnunet_model_set
 from .pipeline import (ProgressEvent, check_outputs_free, output_paths, resolve_device, segment_case,
                        write_result)
@@ -54,7 +56,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                             "each channel in label order, its label where p > 0.5). Default: the recipe's, else "
                             "argmax (p > 0.5 per region when a member is region-based)")
     group.add_argument("--tile-step", type=float, default=0.5, metavar="S",
-                       help="sliding-window step as a fraction of the patch (default 0.5, as nnU-Net)")
+                       help="sliding-window step as a fraction of the patch, 0.1 to 1 (default 0.5, as nnU-Net)")
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     group.add_argument("--postprocess", metavar="RULE[,RULE]",
                        help=f"postprocessing: {', '.join(RULE_NAMES)}; min-size:N and et-to-netc:N take a "
@@ -65,6 +67,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                             "dataset.json lies beside them (default: the first model's channel names)")
     group.add_argument("--trust-checkpoint", action="append", default=[], metavar="PATH",
                        help="allow full unpickling of checkpoints under PATH (only for sources you trust)")
+    limits = parser.add_argument_group("input limits")
+    limits.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET_GIB, metavar="GIB",
+                        help="memory a case may need, in GiB (default %(default)g): an image whose header promises "
+                             "more voxels than fit is refused before any voxel is read")
+    limits.add_argument("--allow-unusual-spacing", action="store_true",
+                        help=f"accept voxel spacings outside {SPACING_RANGE_MM[0]:g}-{SPACING_RANGE_MM[1]:g} mm "
+                             "(refused by default: usually a wrong unit in the header)")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                         help="progress as a bar on stderr (default), JSON lines on stdout, or nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace results that exist in OUT_DIR")
@@ -169,6 +178,15 @@ def _recipe_model_set(args: argparse.Namespace) -> ModelSet:
     overrides = Overrides(labels=args.labels, postprocess=args.postprocess, mirroring=mirroring)
     return recipe_model_set(args.recipe, parse_role_paths(args.model, args.recipe), overrides,
                             trusted_checkpoints=args.trust_checkpoint)
+
+
+def _check_numbers(args: argparse.Namespace) -> Limits:
+    """The numbers given on the command line, checked before anything is read or loaded; the run's limits."""
+    if args.weight:
+        check_weights(args.weight)
+    check_tile_step(args.tile_step)
+    return Limits(memory_budget_bytes=memory_budget_bytes(args.memory_budget),
+                  allow_unusual_spacing=args.allow_unusual_spacing)
 
 
 def _model_set(args: argparse.Namespace) -> ModelSet:
@@ -340,8 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_terminate)
     command = {"predict": cmd_predict, "batch": cmd_batch, "evaluate": cmd_evaluate}[args.command]
     try:
+        limits = _check_numbers(args) if args.command in ("predict", "batch") else Limits()
         # Libraries (nnU-Net) print on stdout; keep stdout for our results and JSON-lines progress.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), use_limits(limits):
             return command(args, progress)
     except KeyboardInterrupt:
         progress.close()

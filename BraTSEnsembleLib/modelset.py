@@ -21,9 +21,9 @@ Manifest format (every key; anything else is refused)::
         "folds": ["all"],                   # optional; default every fold present
         "checkpoint": "final",              # optional; final | best | a file name
         "mirroring": false,                 # optional; test-time mirroring, default true
-        "tile_step": 0.5,                   # optional; sliding-window step in (0, 1], default 0.5
-        "weight": 1.0,                      # optional; > 0, default 1
-        "class_weights": {"ET": 1.2},       # optional; background/NETC/SNFH/ET/RC → factor > 0 (default 1)
+        "tile_step": 0.5,                   # optional; sliding-window step in [0.1, 1], default 0.5
+        "weight": 1.0,                      # optional; in [0.001, 1000], default 1
+        "class_weights": {"ET": 1.2},       # optional; background/NETC/SNFH/ET/RC → factor in [0.001, 1000]
         "url": "https://…/resenc-m.zip",    # optional; downloaded (into the cache) when path does not exist
         "sha256": "…",                      # required with url: SHA-256 of the archive
         "class_labels": {"1": 2, "2": 1},   # mednext only: output channel → BraTS label (number or name)
@@ -45,6 +45,7 @@ from typing import Any, Mapping, Sequence
 from .errors import BraTSEnsembleError, ModelError
 from .ensemble import ARGMAX, LABEL_RULES, SEQUENTIAL_THRESHOLD, fusion_space
 from .labels import LABEL_NAMES
+from .limits import TILE_STEP_RANGE, WEIGHT_RANGE, check_tile_step, is_real_number, range_problem
 from .members.base import REGION_SPACE, Member
 from .members.nnunet import NnUNetMember
 from .postprocess import Step, parse_steps
@@ -104,8 +105,10 @@ class ModelSet:
         if len(self.weights) != len(self.members):
             raise ModelError(f"{len(self.weights)} weight(s) given for {len(self.members)} model(s); give one "
                              "--weight per --model, or none for equal weights")
-        if any(not w > 0 for w in self.weights):
-            raise ModelError(f"weights must be positive numbers, got {[float(w) for w in self.weights]}")
+        low, high = WEIGHT_RANGE
+        if any(range_problem(w, WEIGHT_RANGE, "weight") for w in self.weights):
+            raise ModelError(f"weights must be finite numbers between {low:g} and {high:g}, got "
+                             f"{[float(w) for w in self.weights]}; weights are relative (1 = the default)")
         if self.class_weights is None:
             self.class_weights = [None] * len(self.members)
         if len(self.class_weights) != len(self.members):
@@ -115,8 +118,9 @@ class ModelSet:
                 if label not in LABEL_NAMES:
                     raise ModelError(f"class weights name label {label}, which is not a BraTS label "
                                      f"({', '.join(f'{k} {v}' for k, v in LABEL_NAMES.items())})")
-                if not value > 0:
-                    raise ModelError(f"class weights must be positive numbers, got {factors}")
+                if range_problem(value, WEIGHT_RANGE, "class weight"):
+                    raise ModelError(f"class weights must be finite numbers between {low:g} and {high:g}, got "
+                                     f"{factors}; they multiply the member's weight (1 = neutral)")
         if self.label_rule is not None and self.label_rule not in LABEL_RULES:
             raise ModelError(f"unknown label rule {self.label_rule!r}; choose from {', '.join(LABEL_RULES)}")
         if self.label_rule == ARGMAX and fusion_space(self.members) == REGION_SPACE:
@@ -185,6 +189,7 @@ def nnunet_model_set(paths: Sequence[str | Path], weights: Sequence[float] | Non
                      tile_step_size: float = 0.5, postprocess: str = "none",
                      trusted_checkpoints: Sequence[str | Path] = (), label_rule: str | None = None) -> ModelSet:
     """A model set of nnU-Net v2 results folders (the command line's ``--model`` options)."""
+    check_tile_step(tile_step_size)
     trusted = {Path(p).resolve() for p in trusted_checkpoints}
     members: list[Member] = []
     for path in paths:
@@ -210,11 +215,17 @@ class _Checker:
         place = f"{self.manifest}: " + (f"{where}: " if where else "")
         return ModelError(f"{place}{problem}. {fix}")
 
-    def number(self, value: Any, where: str, key: str, fix: str, positive: bool = True) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise self.fail(where, f"{key} must be a number, got {json.dumps(value)}", fix)
+    def number(self, value: Any, where: str, key: str, fix: str, positive: bool = True,
+               bounds: tuple[float, float] | None = None) -> float:
+        """A finite JSON number (NaN and ±Infinity, which Python's json reads, are refused), > 0 when
+        ``positive``, within ``bounds`` (inclusive) when given."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_real_number(value):
+            raise self.fail(where, f"{key} must be a finite number, got {json.dumps(value)}", fix)
         if positive and not value > 0:
             raise self.fail(where, f"{key} must be a positive number, got {json.dumps(value)}", fix)
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            raise self.fail(where, f"{key} must be between {bounds[0]:g} and {bounds[1]:g}, got {json.dumps(value)}",
+                            fix)
         return float(value)
 
     def class_name(self, value: Any, where: str, key: str) -> int:
@@ -276,7 +287,9 @@ def _class_weights(check: _Checker, value: Any, where: str) -> dict[int, float]:
         if label in factors:
             raise check.fail(where, f"class_weights names class {name!r} twice", "Name each class once.")
         factors[label] = check.number(factor, where, f"class_weights[{name!r}]",
-                                      "Class weights multiply the member's weight; give numbers > 0 (1 = neutral).")
+                                      "Class weights multiply the member's weight; give numbers between "
+                                      f"{WEIGHT_RANGE[0]:g} and {WEIGHT_RANGE[1]:g} (1 = neutral).",
+                                      bounds=WEIGHT_RANGE)
     return factors
 
 
@@ -328,9 +341,9 @@ def _member_options(check: _Checker, raw: Mapping[str, Any], where: str) -> dict
     if not isinstance(mirroring, bool):
         raise check.fail(where, f"mirroring must be true or false, got {json.dumps(mirroring)}",
                          "Write \"mirroring\": false to switch test-time mirroring off.")
-    tile_step = check.number(raw.get("tile_step", 0.5), where, "tile_step", "Use a step in (0, 1], e.g. 0.5.")
-    if tile_step > 1:
-        raise check.fail(where, f"tile_step must be in (0, 1], got {tile_step:g}", "Use a step in (0, 1], e.g. 0.5.")
+    step_fix = (f"Use a step between {TILE_STEP_RANGE[0]:g} and {TILE_STEP_RANGE[1]:g} (a fraction of the patch; "
+                "smaller steps multiply the tiles), e.g. 0.5, nnU-Net's default.")
+    tile_step = check.number(raw.get("tile_step", 0.5), where, "tile_step", step_fix, bounds=TILE_STEP_RANGE)
     if framework in ("torchscript", "monai"):  # one network file; MONAI's sliding window (members/torchscript.py)
         from .members.torchscript import manifest_options
 
@@ -476,7 +489,8 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
             raise check.fail(where, f"sha256 {raw['sha256']!r} is not a SHA-256 digest (64 hex digits)",
                              "Compute it with `sha256sum ARCHIVE`.")
         weight = check.number(raw.get("weight", 1.0), where, "weight",
-                              "Weights are relative; give a number > 0 (1 = the default).")
+                              f"Weights are relative; give a number between {WEIGHT_RANGE[0]:g} and "
+                              f"{WEIGHT_RANGE[1]:g} (1 = the default).", bounds=WEIGHT_RANGE)
         factors = _class_weights(check, raw.get("class_weights"), where)
         validated.append((raw, where, framework, weight, factors, _member_options(check, raw, where)))
 
