@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -119,30 +120,63 @@ def build_parser() -> argparse.ArgumentParser:
 # Progress
 
 
+#: Columns the bar itself keeps (percentage, bar, elapsed and remaining time); the description gets the rest.
+BAR_COLUMNS = 40
+
+
+def shorten_middle(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters in the middle (the case id at the start and the step at the end stay)."""
+    if len(text) <= width:
+        return text
+    head = width // 3
+    return text[:head] + "…" + text[len(text) - (width - head - 1):]
+
+
 class ProgressPrinter:
-    """Writes progress events as JSON lines, as a tqdm bar, or not at all."""
+    """Writes progress events as JSON lines, as a tqdm bar, or not at all; warnings go to stderr in every mode."""
 
     def __init__(self, mode: str, stdout: TextIO, stderr: TextIO, total_cases: int = 1) -> None:
         self.mode, self.stdout, self.stderr = mode, stdout, stderr
-        self._bar: Any = None
-        if mode == "bar":
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_cases * 100, file=stderr, unit="%", dynamic_ncols=True,
-                             bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+        self.total_cases = total_cases
+        self._bar: Any = None  # made at the first event: a run refused at once shows no empty bar
         self._cases_done = 0
 
+    def _make_bar(self, description: str) -> Any:
+        from tqdm import tqdm
+
+        # mininterval 0: every event redraws (events are few: members report at most once per percent of tiles)
+        self._bar = tqdm(total=self.total_cases * 100, file=self.stderr, unit="%", dynamic_ncols=True,
+                         mininterval=0, miniters=0, desc=description,
+                         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+        return self._bar
+
+    def _warn(self, event: ProgressEvent) -> None:
+        line = f"warning: {event.case + ': ' if event.case else ''}{event.message}"
+        if self._bar is not None:
+            self._bar.write(line, file=self.stderr)  # above the bar, which stays intact
+        else:
+            print(line, file=self.stderr, flush=True)
+
     def __call__(self, event: ProgressEvent) -> None:
+        if event.event == "warning":
+            self._warn(event)
         if self.mode == "json":
             self.stdout.write(json.dumps(event.as_dict()) + "\n")
             self.stdout.flush()
-        elif self._bar is not None and event.event != "finished":
-            self._bar.set_description_str(f"{event.case}: {event.message}"[:70])
+        elif self.mode == "bar" and event.event not in ("finished", "warning"):
+            width = max(30, shutil.get_terminal_size((100, 24)).columns - BAR_COLUMNS)
+            description = shorten_middle(f"{event.case}: {event.message}", width)
+            bar = self._bar or self._make_bar(description)
+            bar.set_description_str(description, refresh=False)
             target = self._cases_done * 100 + event.fraction * 100
             if event.event in ("written", "case-skipped", "error"):
                 self._cases_done += 1
                 target = self._cases_done * 100
-            self._bar.update(max(0.0, target - self._bar.n))
+            step = max(0.0, target - bar.n)  # never backwards
+            if step > 0:
+                bar.update(step)  # redraws
+            else:
+                bar.refresh()
 
     def close(self) -> None:
         if self._bar is not None:
