@@ -462,6 +462,9 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     seconds=run.elapsedSeconds(), name=segmentationNode.GetName())
                 self.logic.showResults(segmentationNode, tableNode, pn.t1c, run.uncertaintyNode,
                                        run.uncertaintyOpacity)
+                if run.warnings:  # e.g. the demo models on real images: said in the panel and in a dialog
+                    self.ui.statusLabel.text += "\n" + _("Warning: {warning}").format(warning=" ".join(run.warnings))
+                    slicer.util.warningDisplay("\n\n".join(run.warnings), windowTitle=_("BraTSEnsemble"))
         except Exception as exc:
             self.ui.statusLabel.text = _("Failed: {error}").format(error=str(exc).splitlines()[0] if str(exc) else "")
             logging.exception("BraTSEnsemble: segmentation failed")
@@ -489,6 +492,7 @@ class SegmentationRun:
         self.saveUncertainty = saveUncertainty
         self.uncertaintyNode = None  # the heat-map volume, once finishSegmentation has loaded it
         self.uncertaintyOpacity = None
+        self.warnings = []  # the result JSON's "warnings" (e.g. a demo model set run on real images)
         self._started = time.monotonic()
 
     def elapsedSeconds(self):
@@ -747,6 +751,10 @@ class BraTSEnsembleLogic(ScriptedLoadableModuleLogic):
                                         outputTable)
             segmentationNode.SetAttribute("BraTSEnsemble.Provenance", json.dumps(
                 {k: statistics.get(k) for k in ("models", "postprocess", "device")}))
+            run.warnings = [str(w) for w in statistics.get("warnings") or []]
+            for warning in run.warnings:  # the Python console sees them in the log
+                logging.warning("BraTSEnsemble: %s", warning)
+            segmentationNode.SetAttribute("BraTSEnsemble.Warnings", json.dumps(run.warnings))
             if run.saveUncertainty:
                 display = segmentation.uncertainty_heat_map(run.caseId)
                 run.uncertaintyNode = self._importUncertainty(str(outputs["uncertainty"]), display, run.reference)

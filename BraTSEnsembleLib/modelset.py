@@ -14,6 +14,8 @@ Manifest format (every key; anything else is refused)::
      "labels": "sequential-threshold",      # optional; argmax | sequential-threshold (default: argmax for
                                             #   label-based members, sequential thresholds when one is region-based)
      "recipe": "goat2025",                  # optional; the recipe the set was made from (recorded only)
+     "demo": true,                          # optional; a demo set (toy models): every run on images other than
+                                            #   the shipped demo phantom warns (BraTSEnsembleLib.demo.guard)
      "members": [                           # required, at least one
        {"name": "resenc-m",                 # optional; default: the folder name; unique within the set
         "framework": "nnunetv2",            # required: nnunetv2 | umamba | mednext
@@ -55,7 +57,7 @@ CLASS_NAMES: dict[str, int] = {name: label for label, name in LABEL_NAMES.items(
 FRAMEWORKS: tuple[str, ...] = ("nnunetv2", "umamba", "mednext", "torchscript", "monai")
 DEFAULT_POSTPROCESS = "ratio-adaptive"
 
-_TOP_KEYS = {"name", "description", "postprocess", "labels", "recipe", "members"}
+_TOP_KEYS = {"name", "description", "postprocess", "labels", "recipe", "demo", "members"}
 _COMMON_MEMBER_KEYS = {"name", "framework", "path", "folds", "checkpoint", "mirroring", "tile_step", "weight",
                        "class_weights", "url", "sha256"}
 _MEDNEXT_KEYS = {"class_labels", "channel_roles", "size", "kernel_size"}
@@ -98,6 +100,8 @@ class ModelSet:
     label_rule: str | None = None
     #: the recipe the set was made from: name, title, source, and the options the user overrode
     recipe: dict[str, Any] | None = None
+    #: a demo set (toy models, manifest key "demo"): runs on anything but the shipped demo phantom warn
+    demo: bool = False
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -163,6 +167,8 @@ class ModelSet:
                 model_set["manifest"] = str(self.manifest)
             if self.manifest_sha256:
                 model_set["manifest_sha256"] = self.manifest_sha256
+            if self.demo:
+                model_set["demo"] = True
             description["model_set"] = model_set
         if self.recipe is not None:
             description["recipe"] = self.recipe
@@ -440,6 +446,10 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
         raise check.fail(None, f"labels must be one of {', '.join(LABEL_RULES)}, got {json.dumps(label_rule)}",
                          'Write "labels": "argmax" (nnU-Net) or "sequential-threshold" (p > 0.5 channel by channel), '
                          "or leave it out for the default of the fusion space.")
+    demo = data.get("demo", False)
+    if not isinstance(demo, bool):
+        raise check.fail(None, f"demo must be true or false, got {json.dumps(demo)}",
+                         'Write "demo": true for a set of toy models (it then warns on real images), or leave it out.')
     raw_members = data.get("members")
     if not isinstance(raw_members, list) or not raw_members:
         raise check.fail(None, "\"members\" must be a non-empty list",
@@ -517,6 +527,6 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
         return ModelSet(members, weights, steps, class_weights=class_weights, name=name.strip(),
                         description=description, manifest=manifest, member_sources=sources,
                         manifest_sha256=digest, label_rule=label_rule,
-                        recipe={"name": recipe.strip()} if recipe else None)
+                        recipe={"name": recipe.strip()} if recipe else None, demo=demo)
     except ModelError as exc:
         raise ModelError(f"{manifest}: {exc}") from exc

@@ -18,6 +18,7 @@ import torch
 
 from . import __version__
 from .case import Case, StagedFiles, write_json, write_label_map, write_scalar_map
+from .demo.guard import demo_warnings
 from .ensemble import ARGMAX, StreamingEnsemble, fused_labels, fusion_space
 from .errors import Cancelled, DeviceError, OutputError
 from .limits import check_model_grids
@@ -33,7 +34,7 @@ from .uncertainty import VoteCounter, member_agreement, normalised_entropy, summ
 class ProgressEvent:
     """One progress report. ``fraction`` is the share of the case done (0–1)."""
 
-    # case-start, member-start, member-step, member-done, postprocess, written, case-skipped, error, finished
+    # case-start, warning, member-start, member-step, member-done, postprocess, written, case-skipped, error, finished
     event: str
     case: str
     fraction: float
@@ -96,7 +97,10 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
     # the grid each member resamples the case to, against the memory budget (unusual spacings)
     check_model_grids(model_set.members, case.shape_zyx, case.spacing_zyx, case.description)
     started = time.perf_counter()
+    warnings = demo_warnings(model_set, case.images)  # a demo set on anything but the shipped phantom
     emit(ProgressEvent("case-start", case.case_id, 0.0, f"{n} model(s) on {torch_device}"))
+    for warning in warnings:
+        emit(ProgressEvent("warning", case.case_id, 0.0, warning))
     ensemble = StreamingEnsemble(space=fusion_space(model_set.members))
     votes = VoteCounter()
     member_labels: list[np.ndarray] = []
@@ -135,6 +139,7 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
         "inputs": {role: case.source(role) for role in case.roles},
         "software": {"brats_ensemble": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "seconds": round(time.perf_counter() - started, 2),
+        "warnings": warnings,
     }
     return Result(case.case_id, labels, case.reference, statistics, provenance, maps)
 
