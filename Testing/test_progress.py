@@ -69,9 +69,9 @@ def test_tile_progress_is_rate_limited_and_moves_forward() -> None:
 
 
 def test_every_member_reports_its_tiles(tmp_path: Path) -> None:
-    """At 2 mm (the demo models' spacing) the phantom's 83×99×87-voxel head takes 2×2×2 tiles of the nnU-Net,
+    """At 2 mm (the demo models' spacing) the phantom's 71×99×69-voxel head takes 1×2×2 tiles of the nnU-Net,
     U-Mamba and MedNeXt patch (80×80×64) and 3×4×3 windows of the TorchScript network (48³, overlap 0.25)."""
-    phantom = make_phantom(9107, shape=(112, 128, 112), spacing=(2.0, 2.0, 2.0))
+    phantom = make_phantom(9107, shape=(96, 128, 88), spacing=(2.0, 2.0, 2.0))
     case_dir = phantom.write(tmp_path / "cases")
     members = [{"name": name, "framework": framework, "path": str(demo.MODELS_DIR / folder), "folds": [0],
                 "mirroring": False}
