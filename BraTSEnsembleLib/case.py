@@ -20,6 +20,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OutputError
+from .headers import check_image_header
+from .limits import check_direction, check_spacing
 from .roles import BRATS2021_SUFFIXES, BRATS2023_SUFFIXES, BRATS_ROLES, channel_role
 
 NIFTI_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -106,6 +108,9 @@ def strip_image_ending(name: str) -> str | None:
 def read_image(path: str | Path) -> sitk.Image:
     """Read one image with SimpleITK, turning every failure into an InputError that names the file.
 
+    The header is checked first (:func:`BraTSEnsembleLib.headers.check_image_header`): an image too large for the
+    memory budget or with non-orthonormal axes is refused before any voxel is read.
+
     NIfTI files are first checked with nibabel, because ITK's NIfTI reader hides two problems: it fills the missing
     part of a truncated ``.nii.gz`` with zeros and it reads NaN/Inf voxels as 0, without a word (nnU-Net's own
     reader, SimpleITK, then segments a half-empty or silently altered image).
@@ -113,6 +118,7 @@ def read_image(path: str | Path) -> sitk.Image:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
+    check_image_header(path)  # size against the memory budget, orthonormal axes: before any voxel is read
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_voxels(path)
     try:
@@ -147,7 +153,8 @@ def _check_nifti_voxels(path: Path) -> None:
 
 
 def validate_image(image: sitk.Image, source: str) -> None:
-    """Refuse images a model cannot use: not 3-D, vector-valued, empty, constant, or with NaN/Inf voxels."""
+    """Refuse images a model cannot use: not 3-D, vector-valued, empty, with an implausible spacing (see
+    :mod:`BraTSEnsembleLib.limits`) or non-orthonormal axes, constant, or with NaN/Inf voxels."""
     dim = image.GetDimension()
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
@@ -165,6 +172,8 @@ def validate_image(image: sitk.Image, source: str) -> None:
     array = sitk.GetArrayViewFromImage(image)
     if array.size == 0 or min(image.GetSize()) < 2:
         raise InputError(f"{source}: has size {image.GetSize()}, which is empty or flat; give a 3-D volume.")
+    check_spacing(image.GetSpacing(), source)  # plausible for MRI/CT unless --allow-unusual-spacing
+    check_direction(image.GetDirection(), source)
     if np.issubdtype(array.dtype, np.floating):
         finite = np.isfinite(array)
         if not finite.all():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import signal
 import sys
 import time
@@ -22,6 +23,8 @@ from .cohort import (BUSY, SKIP, CaseSpec, PlannedCase, assign_case_ids, check_b
 from .downloads import register_models_command, run_models_command
 from .errors import BraTSEnsembleError, Cancelled, InputError, ModelError
 from .ensemble import LABEL_RULES
+from .limits import (DEFAULT_MEMORY_BUDGET_GIB, SPACING_RANGE_MM, Limits, check_tile_step, check_weights,
+                     memory_budget_bytes, use_limits)
 from .modelset import ModelSet, load_model_set, nnunet_model_set
 from .pipeline import ProgressEvent, resolve_device, segment_case, write_result
 from .postprocess import RULE_NAMES
@@ -56,7 +59,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                             "each channel in label order, its label where p > 0.5). Default: the recipe's, else "
                             "argmax (p > 0.5 per region when a member is region-based)")
     group.add_argument("--tile-step", type=float, default=0.5, metavar="S",
-                       help="sliding-window step as a fraction of the patch (default 0.5, as nnU-Net)")
+                       help="sliding-window step as a fraction of the patch, 0.1 to 1 (default 0.5, as nnU-Net)")
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     group.add_argument("--postprocess", metavar="RULE[,RULE]",
                        help=f"postprocessing: {', '.join(RULE_NAMES)}; min-size:N and et-to-netc:N take a "
@@ -72,6 +75,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                             "dataset.json lies beside them (default: the first model's channel names)")
     group.add_argument("--trust-checkpoint", action="append", default=[], metavar="PATH",
                        help="allow full unpickling of checkpoints under PATH (only for sources you trust)")
+    limits = parser.add_argument_group("input limits")
+    limits.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET_GIB, metavar="GIB",
+                        help="memory a case may need, in GiB (default %(default)g): an image whose header promises "
+                             "more voxels than fit is refused before any voxel is read")
+    limits.add_argument("--allow-unusual-spacing", action="store_true",
+                        help=f"accept voxel spacings outside {SPACING_RANGE_MM[0]:g}-{SPACING_RANGE_MM[1]:g} mm "
+                             "(refused by default: usually a wrong unit in the header)")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                         help="progress as a bar on stderr (default), JSON lines on stdout, or nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace results that exist in OUT_DIR")
@@ -117,30 +127,63 @@ def build_parser() -> argparse.ArgumentParser:
 # Progress
 
 
+#: Columns the bar itself keeps (percentage, bar, elapsed and remaining time); the description gets the rest.
+BAR_COLUMNS = 40
+
+
+def shorten_middle(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters in the middle (the case id at the start and the step at the end stay)."""
+    if len(text) <= width:
+        return text
+    head = width // 3
+    return text[:head] + "…" + text[len(text) - (width - head - 1):]
+
+
 class ProgressPrinter:
-    """Writes progress events as JSON lines, as a tqdm bar, or not at all."""
+    """Writes progress events as JSON lines, as a tqdm bar, or not at all; warnings go to stderr in every mode."""
 
     def __init__(self, mode: str, stdout: TextIO, stderr: TextIO, total_cases: int = 1) -> None:
         self.mode, self.stdout, self.stderr = mode, stdout, stderr
-        self._bar: Any = None
-        if mode == "bar":
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_cases * 100, file=stderr, unit="%", dynamic_ncols=True,
-                             bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+        self.total_cases = total_cases
+        self._bar: Any = None  # made at the first event: a run refused at once shows no empty bar
         self._cases_done = 0
 
+    def _make_bar(self, description: str) -> Any:
+        from tqdm import tqdm
+
+        # mininterval 0: every event redraws (events are few: members report at most once per percent of tiles)
+        self._bar = tqdm(total=self.total_cases * 100, file=self.stderr, unit="%", dynamic_ncols=True,
+                         mininterval=0, miniters=0, desc=description,
+                         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+        return self._bar
+
+    def _warn(self, event: ProgressEvent) -> None:
+        line = f"warning: {event.case + ': ' if event.case else ''}{event.message}"
+        if self._bar is not None:
+            self._bar.write(line, file=self.stderr)  # above the bar, which stays intact
+        else:
+            print(line, file=self.stderr, flush=True)
+
     def __call__(self, event: ProgressEvent) -> None:
+        if event.event == "warning":
+            self._warn(event)
         if self.mode == "json":
             self.stdout.write(json.dumps(event.as_dict()) + "\n")
             self.stdout.flush()
-        elif self._bar is not None and event.event != "finished":
-            self._bar.set_description_str(f"{event.case}: {event.message}"[:70])
+        elif self.mode == "bar" and event.event not in ("finished", "warning"):
+            width = max(30, shutil.get_terminal_size((100, 24)).columns - BAR_COLUMNS)
+            description = shorten_middle(f"{event.case}: {event.message}", width)
+            bar = self._bar or self._make_bar(description)
+            bar.set_description_str(description, refresh=False)
             target = self._cases_done * 100 + event.fraction * 100
             if event.event in ("written", "case-skipped", "error"):
                 self._cases_done += 1
                 target = self._cases_done * 100
-            self._bar.update(max(0.0, target - self._bar.n))
+            step = max(0.0, target - bar.n)  # never backwards
+            if step > 0:
+                bar.update(step)  # redraws
+            else:
+                bar.refresh()
 
     def close(self) -> None:
         if self._bar is not None:
@@ -178,6 +221,15 @@ def _recipe_model_set(args: argparse.Namespace) -> ModelSet:
                           min_lesion_volume_mm3=args.min_lesion_volume)
     return recipe_model_set(args.recipe, parse_role_paths(args.model, args.recipe), overrides,
                             trusted_checkpoints=args.trust_checkpoint)
+
+
+def _check_numbers(args: argparse.Namespace) -> Limits:
+    """The numbers given on the command line, checked before anything is read or loaded; the run's limits."""
+    if args.weight:
+        check_weights(args.weight)
+    check_tile_step(args.tile_step)
+    return Limits(memory_budget_bytes=memory_budget_bytes(args.memory_budget),
+                  allow_unusual_spacing=args.allow_unusual_spacing)
 
 
 def _model_set(args: argparse.Namespace) -> ModelSet:
@@ -392,8 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_terminate)
     command = {"predict": cmd_predict, "batch": cmd_batch, "evaluate": cmd_evaluate}[args.command]
     try:
+        limits = _check_numbers(args) if args.command in ("predict", "batch") else Limits()
         # Libraries (nnU-Net) print on stdout; keep stdout for our results and JSON-lines progress.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), use_limits(limits):
             return command(args, progress)
     except KeyboardInterrupt:
         progress.close()

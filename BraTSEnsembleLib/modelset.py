@@ -16,6 +16,8 @@ Manifest format (every key; anything else is refused)::
      "labels": "sequential-threshold",      # optional; argmax | sequential-threshold (default: argmax for
                                             #   label-based members, sequential thresholds when one is region-based)
      "recipe": "goat2025",                  # optional; the recipe the set was made from (recorded only)
+     "demo": true,                          # optional; a demo set (toy models): every run on images other than
+                                            #   the shipped demo phantom warns (BraTSEnsembleLib.demo.guard)
      "members": [                           # required, at least one
        {"name": "resenc-m",                 # optional; default: the folder name; unique within the set
         "framework": "nnunetv2",            # required: nnunetv2 | umamba | mednext
@@ -23,9 +25,9 @@ Manifest format (every key; anything else is refused)::
         "folds": ["all"],                   # optional; default every fold present
         "checkpoint": "final",              # optional; final | best | a file name
         "mirroring": false,                 # optional; test-time mirroring, default true
-        "tile_step": 0.5,                   # optional; sliding-window step in (0, 1], default 0.5
-        "weight": 1.0,                      # optional; > 0, default 1
-        "class_weights": {"ET": 1.2},       # optional; background/NETC/SNFH/ET/RC → factor > 0 (default 1)
+        "tile_step": 0.5,                   # optional; sliding-window step in [0.1, 1], default 0.5
+        "weight": 1.0,                      # optional; in [0.001, 1000], default 1
+        "class_weights": {"ET": 1.2},       # optional; background/NETC/SNFH/ET/RC → factor in [0.001, 1000]
         "url": "https://…/resenc-m.zip",    # optional; downloaded (into the cache) when path does not exist
         "sha256": "…",                      # required with url: SHA-256 of the archive
         "class_labels": {"1": 2, "2": 1},   # mednext only: output channel → BraTS label (number or name)
@@ -49,6 +51,7 @@ from .ensemble import ARGMAX, LABEL_RULES, SEQUENTIAL_THRESHOLD, fusion_space
 from .labels import LABEL_NAMES
 from .labelsets import (BRATS_LABEL_SET, LabelSet, check_class_weights, check_postprocess_steps,
                         common_label_set)
+from .limits import TILE_STEP_RANGE, WEIGHT_RANGE, check_tile_step, is_real_number, range_problem
 from .members.base import REGION_SPACE, Member
 from .members.nnunet import NnUNetMember
 from .postprocess import Step, parse_steps
@@ -58,7 +61,7 @@ CLASS_NAMES: dict[str, int] = {name: label for label, name in LABEL_NAMES.items(
 FRAMEWORKS: tuple[str, ...] = ("nnunetv2", "umamba", "mednext", "torchscript", "monai")
 DEFAULT_POSTPROCESS = "ratio-adaptive"
 
-_TOP_KEYS = {"name", "description", "postprocess", "labels", "recipe", "members", "min_lesion_volume_mm3"}
+_TOP_KEYS = {"name", "description", "postprocess", "labels", "recipe", "demo", "members", "min_lesion_volume_mm3"}
 _COMMON_MEMBER_KEYS = {"name", "framework", "path", "folds", "checkpoint", "mirroring", "tile_step", "weight",
                        "class_weights", "url", "sha256"}
 _MEDNEXT_KEYS = {"class_labels", "channel_roles", "size", "kernel_size"}
@@ -105,6 +108,8 @@ class ModelSet:
     min_lesion_volume_mm3: float | None = None
     #: the classes every member predicts (set from the members; see BraTSEnsembleLib.labelsets)
     label_set: LabelSet = field(init=False, default=BRATS_LABEL_SET)
+    #: a demo set (toy models, manifest key "demo"): runs on anything but the shipped demo phantom warn
+    demo: bool = False
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -112,8 +117,10 @@ class ModelSet:
         if len(self.weights) != len(self.members):
             raise ModelError(f"{len(self.weights)} weight(s) given for {len(self.members)} model(s); give one "
                              "--weight per --model, or none for equal weights")
-        if any(not w > 0 for w in self.weights):
-            raise ModelError(f"weights must be positive numbers, got {[float(w) for w in self.weights]}")
+        low, high = WEIGHT_RANGE
+        if any(range_problem(w, WEIGHT_RANGE, "weight") for w in self.weights):
+            raise ModelError(f"weights must be finite numbers between {low:g} and {high:g}, got "
+                             f"{[float(w) for w in self.weights]}; weights are relative (1 = the default)")
         if self.class_weights is None:
             self.class_weights = [None] * len(self.members)
         if len(self.class_weights) != len(self.members):
@@ -123,8 +130,9 @@ class ModelSet:
                 if label not in LABEL_NAMES:
                     raise ModelError(f"class weights name label {label}, which is not a BraTS label "
                                      f"({', '.join(f'{k} {v}' for k, v in LABEL_NAMES.items())})")
-                if not value > 0:
-                    raise ModelError(f"class weights must be positive numbers, got {factors}")
+                if range_problem(value, WEIGHT_RANGE, "class weight"):
+                    raise ModelError(f"class weights must be finite numbers between {low:g} and {high:g}, got "
+                                     f"{factors}; they multiply the member's weight (1 = neutral)")
         if self.label_rule is not None and self.label_rule not in LABEL_RULES:
             raise ModelError(f"unknown label rule {self.label_rule!r}; choose from {', '.join(LABEL_RULES)}")
         if self.label_rule == ARGMAX and fusion_space(self.members) == REGION_SPACE:
@@ -177,6 +185,8 @@ class ModelSet:
                 model_set["manifest"] = str(self.manifest)
             if self.manifest_sha256:
                 model_set["manifest_sha256"] = self.manifest_sha256
+            if self.demo:
+                model_set["demo"] = True
             description["model_set"] = model_set
         if self.recipe is not None:
             description["recipe"] = self.recipe
@@ -213,6 +223,7 @@ def nnunet_model_set(paths: Sequence[str | Path], weights: Sequence[float] | Non
                      min_lesion_volume_mm3: float | None = None) -> ModelSet:
     """A model set of nnU-Net v2 results folders (the command line's ``--model`` options). ``postprocess`` None
     means the command line's default (:func:`default_postprocess`)."""
+    check_tile_step(tile_step_size)
     trusted = {Path(p).resolve() for p in trusted_checkpoints}
     members: list[Member] = []
     for path in paths:
@@ -241,11 +252,17 @@ class _Checker:
         place = f"{self.manifest}: " + (f"{where}: " if where else "")
         return ModelError(f"{place}{problem}. {fix}")
 
-    def number(self, value: Any, where: str, key: str, fix: str, positive: bool = True) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise self.fail(where, f"{key} must be a number, got {json.dumps(value)}", fix)
+    def number(self, value: Any, where: str, key: str, fix: str, positive: bool = True,
+               bounds: tuple[float, float] | None = None) -> float:
+        """A finite JSON number (NaN and ±Infinity, which Python's json reads, are refused), > 0 when
+        ``positive``, within ``bounds`` (inclusive) when given."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_real_number(value):
+            raise self.fail(where, f"{key} must be a finite number, got {json.dumps(value)}", fix)
         if positive and not value > 0:
             raise self.fail(where, f"{key} must be a positive number, got {json.dumps(value)}", fix)
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            raise self.fail(where, f"{key} must be between {bounds[0]:g} and {bounds[1]:g}, got {json.dumps(value)}",
+                            fix)
         return float(value)
 
     def class_name(self, value: Any, where: str, key: str) -> int:
@@ -307,7 +324,9 @@ def _class_weights(check: _Checker, value: Any, where: str) -> dict[int, float]:
         if label in factors:
             raise check.fail(where, f"class_weights names class {name!r} twice", "Name each class once.")
         factors[label] = check.number(factor, where, f"class_weights[{name!r}]",
-                                      "Class weights multiply the member's weight; give numbers > 0 (1 = neutral).")
+                                      "Class weights multiply the member's weight; give numbers between "
+                                      f"{WEIGHT_RANGE[0]:g} and {WEIGHT_RANGE[1]:g} (1 = neutral).",
+                                      bounds=WEIGHT_RANGE)
     return factors
 
 
@@ -359,9 +378,9 @@ def _member_options(check: _Checker, raw: Mapping[str, Any], where: str) -> dict
     if not isinstance(mirroring, bool):
         raise check.fail(where, f"mirroring must be true or false, got {json.dumps(mirroring)}",
                          "Write \"mirroring\": false to switch test-time mirroring off.")
-    tile_step = check.number(raw.get("tile_step", 0.5), where, "tile_step", "Use a step in (0, 1], e.g. 0.5.")
-    if tile_step > 1:
-        raise check.fail(where, f"tile_step must be in (0, 1], got {tile_step:g}", "Use a step in (0, 1], e.g. 0.5.")
+    step_fix = (f"Use a step between {TILE_STEP_RANGE[0]:g} and {TILE_STEP_RANGE[1]:g} (a fraction of the patch; "
+                "smaller steps multiply the tiles), e.g. 0.5, nnU-Net's default.")
+    tile_step = check.number(raw.get("tile_step", 0.5), where, "tile_step", step_fix, bounds=TILE_STEP_RANGE)
     if framework in ("torchscript", "monai"):  # one network file; MONAI's sliding window (members/torchscript.py)
         from .members.torchscript import manifest_options
 
@@ -466,6 +485,10 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
         raise check.fail(None, f"labels must be one of {', '.join(LABEL_RULES)}, got {json.dumps(label_rule)}",
                          'Write "labels": "argmax" (nnU-Net) or "sequential-threshold" (p > 0.5 channel by channel), '
                          "or leave it out for the default of the fusion space.")
+    demo = data.get("demo", False)
+    if not isinstance(demo, bool):
+        raise check.fail(None, f"demo must be true or false, got {json.dumps(demo)}",
+                         'Write "demo": true for a set of toy models (it then warns on real images), or leave it out.')
     raw_members = data.get("members")
     if not isinstance(raw_members, list) or not raw_members:
         raise check.fail(None, "\"members\" must be a non-empty list",
@@ -515,7 +538,8 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
             raise check.fail(where, f"sha256 {raw['sha256']!r} is not a SHA-256 digest (64 hex digits)",
                              "Compute it with `sha256sum ARCHIVE`.")
         weight = check.number(raw.get("weight", 1.0), where, "weight",
-                              "Weights are relative; give a number > 0 (1 = the default).")
+                              f"Weights are relative; give a number between {WEIGHT_RANGE[0]:g} and "
+                              f"{WEIGHT_RANGE[1]:g} (1 = the default).", bounds=WEIGHT_RANGE)
         factors = _class_weights(check, raw.get("class_weights"), where)
         validated.append((raw, where, framework, weight, factors, _member_options(check, raw, where)))
 
@@ -545,6 +569,6 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
                         description=description, manifest=manifest, member_sources=sources,
                         manifest_sha256=digest, label_rule=label_rule,
                         recipe={"name": recipe.strip()} if recipe else None,
-                        min_lesion_volume_mm3=min_lesion_volume)
+                        min_lesion_volume_mm3=min_lesion_volume, demo=demo)
     except ModelError as exc:
         raise ModelError(f"{manifest}: {exc}") from exc

@@ -5,6 +5,7 @@ statistics. Progress is reported as :class:`ProgressEvent` objects; a ``cancel``
 """
 from __future__ import annotations
 
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -17,9 +18,12 @@ import torch
 
 from . import __version__
 from .case import Case, StagedFiles, write_csv, write_json, write_label_map, write_scalar_map
+from .demo.guard import demo_warnings
 from .ensemble import ARGMAX, StreamingEnsemble, fused_labels, fusion_space
 from .errors import Cancelled, DeviceError, OutputError
 from .lesions import LESION_COLUMNS, class_statistics, lesion_rows
+from .limits import check_model_grids
+from .members.base import StepReporter
 from .modelset import ModelSet
 from .postprocess import apply_steps
 from .results import commit_case_files, output_paths
@@ -31,7 +35,8 @@ from .uncertainty import AGREEMENT_REGIONS, VoteCounter, member_agreement, norma
 class ProgressEvent:
     """One progress report. ``fraction`` is the share of the case done (0–1)."""
 
-    event: str  # case-start, member-start, member-step, member-done, postprocess, written, case-skipped, error, finished
+    # case-start, warning, member-start, member-step, member-done, postprocess, written, case-skipped, error, finished
+    event: str
     case: str
     fraction: float
     message: str
@@ -93,8 +98,13 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
 
     for member in model_set.members:  # every member's sequences are checked before any member runs
         ensure_roles_available(member.roles, case.roles, f"model {member.name}", case.description)
+    # the grid each member resamples the case to, against the memory budget (unusual spacings)
+    check_model_grids(model_set.members, case.shape_zyx, case.spacing_zyx, case.description)
     started = time.perf_counter()
+    warnings = demo_warnings(model_set, case.images)  # a demo set on anything but the shipped phantom
     emit(ProgressEvent("case-start", case.case_id, 0.0, f"{n} model(s) on {torch_device}"))
+    for warning in warnings:
+        emit(ProgressEvent("warning", case.case_id, 0.0, warning))
     ensemble = StreamingEnsemble(space=fusion_space(model_set.members))
     votes = VoteCounter()
     member_labels: list[np.ndarray] = []
@@ -107,11 +117,7 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
         done = index / n * 0.95
         emit(ProgressEvent("member-start", case.case_id, done, f"model {index + 1}/{n}: {member.name}"))
 
-        def report(step: str, _index: int = index, _member: Any = member) -> None:
-            emit(ProgressEvent("member-step", case.case_id, _index / n * 0.95,
-                               f"model {_index + 1}/{n}: {_member.name}: {step}"))
-
-        probabilities = member.predict(case, torch_device, report)
+        probabilities = member.predict(case, torch_device, _member_reporter(emit, case.case_id, index, n, member.name))
         own_labels = fused_labels(probabilities, member_rule)
         votes.add(own_labels)
         member_labels.append(own_labels)  # uint8, one per member: for its agreement with the final labels
@@ -138,8 +144,24 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
         "inputs": {role: case.source(role) for role in case.roles},
         "software": {"brats_ensemble": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "seconds": round(time.perf_counter() - started, 2),
+        "warnings": warnings,
     }
     return Result(case.case_id, labels, case.reference, statistics, provenance, maps, lesions)
+
+
+def _member_reporter(emit: ProgressCallback, case_id: str, index: int, n: int, name: str) -> StepReporter:
+    """The ``report(step, fraction)`` handed to member ``index`` of ``n``: each step becomes a member-step event whose
+    fraction of the case moves through the member's share (0.95 / n) as the member's own fraction (0–1) does; it
+    never goes back (a step without a fraction keeps the last one)."""
+    done = [0.0]
+
+    def report(step: str, fraction: float | None = None) -> None:
+        if fraction is not None and math.isfinite(fraction):
+            done[0] = max(done[0], min(1.0, float(fraction)))
+        emit(ProgressEvent("member-step", case_id, (index + done[0]) / n * 0.95,
+                           f"model {index + 1}/{n}: {name}: {step}"))
+
+    return report
 
 
 def _agreement_records(model_set: ModelSet, member_labels: list[np.ndarray],

@@ -359,7 +359,7 @@ def test_predict_returns_probabilities_on_the_case_grid(tmp_path: Path) -> None:
     case = _synthetic_case((40, 48, 44), box, spacing=(1.25, 0.9, 1.1))
     steps: list[str] = []
     member = MedNeXtMember(folder, use_mirroring=False)
-    probs = member.predict(case, torch.device("cpu"), steps.append)
+    probs = member.predict(case, torch.device("cpu"), lambda step, fraction=None: steps.append(step))
     assert isinstance(probs, Probabilities)
     assert probs.array.dtype == np.float32
     assert probs.array.shape == (4, 40, 48, 44) and probs.grid_shape == case.shape_zyx
@@ -425,7 +425,7 @@ def test_out_of_memory_retries_the_fold_with_results_on_the_cpu(tmp_path: Path,
     monkeypatch.setattr(mednext, "predict_sliding_window", spy)
     steps: list[str] = []
     with pytest.warns(RuntimeWarning, match="CUDA out of memory"):
-        retried = member.predict(case, torch.device("cpu"), steps.append)
+        retried = member.predict(case, torch.device("cpu"), lambda step, fraction=None: steps.append(step))
     assert np.array_equal(retried.array, plain.array)
     assert results_devices == [torch.device("cpu"), torch.device("cpu")]  # device first, then the CPU
     assert any("out of memory" in s and "results on the CPU" in s for s in steps), steps

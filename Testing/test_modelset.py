@@ -183,18 +183,18 @@ INVALID = [
     ("missing-framework", 1, "framework", _DELETE, "'mednext-s'", "Add \"framework\""),
     ("missing-path", 0, "path", _DELETE, "'resenc-m'", "Add \"path\""),
     ("path-not-found", 1, "path", "../models/nowhere", "'mednext-s'", "Fix the path"),
-    ("zero-weight", 0, "weight", 0, "'resenc-m'", "give a number > 0"),
-    ("negative-weight", 1, "weight", -1.0, "'mednext-s'", "give a number > 0"),
-    ("string-weight", 0, "weight", "2", "'resenc-m'", "give a number > 0"),
-    ("bool-weight", 0, "weight", True, "'resenc-m'", "give a number > 0"),
+    ("zero-weight", 0, "weight", 0, "'resenc-m'", "give a number between 0.001 and 1000"),
+    ("negative-weight", 1, "weight", -1.0, "'mednext-s'", "give a number between 0.001 and 1000"),
+    ("string-weight", 0, "weight", "2", "'resenc-m'", "give a number between 0.001 and 1000"),
+    ("bool-weight", 0, "weight", True, "'resenc-m'", "give a number between 0.001 and 1000"),
     ("unknown-class", 0, "class_weights", {"ET": 1.0, "EDEMA": 2.0}, "'resenc-m'", "Use one of background, NETC"),
-    ("zero-class-weight", 0, "class_weights", {"ET": 0.0}, "'resenc-m'", "numbers > 0"),
+    ("zero-class-weight", 0, "class_weights", {"ET": 0.0}, "'resenc-m'", "numbers between 0.001 and 1000"),
     ("class-weights-list", 0, "class_weights", [1.0, 2.0], "'resenc-m'", "\"class_weights\": {"),
     ("bad-fold", 0, "folds", ["zero"], "'resenc-m'", "list of fold numbers"),
     ("folds-not-list", 0, "folds", "all", "'resenc-m'", "list of fold numbers"),
     ("mirroring-not-bool", 0, "mirroring", "no", "'resenc-m'", "\"mirroring\": false"),
-    ("tile-step-zero", 0, "tile_step", 0, "'resenc-m'", "(0, 1]"),
-    ("tile-step-above-one", 0, "tile_step", 1.5, "'resenc-m'", "(0, 1]"),
+    ("tile-step-zero", 0, "tile_step", 0, "'resenc-m'", "between 0.1 and 1"),
+    ("tile-step-above-one", 0, "tile_step", 1.5, "'resenc-m'", "between 0.1 and 1"),
     ("url-without-sha256", 0, "url", "https://example.org/m.zip", "'resenc-m'", "sha256sum"),
     ("bad-sha256", 0, "sha256", "1234", "'resenc-m'", "sha256sum"),
     ("bad-class-label", 1, "class_labels", {"1": 7}, "'mednext-s'", "Map the model's output channels"),
@@ -255,9 +255,9 @@ def test_unreadable_manifests(tmp_path: Path, content, words) -> None:
 def test_model_set_in_code_checks_class_weights() -> None:
     with pytest.raises(ModelError, match="not a BraTS label"):
         ModelSet([_StubMember()], [1.0], class_weights=[{7: 1.0}])
-    with pytest.raises(ModelError, match="positive"):
+    with pytest.raises(ModelError, match="between 0.001 and 1000"):
         ModelSet([_StubMember()], [1.0], class_weights=[{ET: -1.0}])
-    with pytest.raises(ModelError, match="positive"):
+    with pytest.raises(ModelError, match="between 0.001 and 1000"):
         ModelSet([_StubMember()], [0.0])
 
 

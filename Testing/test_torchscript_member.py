@@ -159,7 +159,7 @@ def test_torchscript_softmax_member_equals_monai_sliding_window_on_the_case_grid
     assert member.labels == (BACKGROUND, ET, NETC, SNFH) and member.roles == ROLES
     case = make_case()
     steps: list[str] = []
-    probabilities = member.predict(case, torch.device("cpu"), steps.append)
+    probabilities = member.predict(case, torch.device("cpu"), lambda step, fraction=None: steps.append(step))
     assert probabilities.labels == (BACKGROUND, ET, NETC, SNFH) and probabilities.space == LABEL_SPACE
     assert probabilities.array.dtype == np.float32 and probabilities.grid_shape == case.shape_zyx
     expected = oracle(network, case, ROLES, (16, 16, 16), overlap=0.5, mode="gaussian", axis_order="xyz",
@@ -267,7 +267,7 @@ REFUSALS = [
     ("no-roi", "torchscript", {"roi_size": None}, "no roi_size", '"roi_size": [128, 128, 128]'),
     ("2d-roi", "torchscript", {"roi_size": [16, 16]}, "three positive integers", "roi_size"),
     ("no-normalization", "torchscript", {"normalization": None}, "no normalization", "zscore-nonzero"),
-    ("overlap-one", "monai", {"overlap": 1.0}, "overlap must be a number in [0, 1)", "0.5"),
+    ("overlap-one", "monai", {"overlap": 1.0}, "overlap must be a number between 0 and 0.9", "0.5"),
     ("bad-mode", "monai", {"mode": "mean"}, 'mode must be "constant" or "gaussian"', "blend mode"),
     ("bad-axis-order", "torchscript", {"axis_order": "yxz"}, "axis_order", '"xyz"'),
     ("bad-spacing", "monai", {"target_spacing": [1, 0, 1]}, "target_spacing must be", "[1.0, 1.0, 1.0]"),
@@ -373,7 +373,7 @@ def test_out_of_memory_retries_with_results_on_the_cpu_and_says_so(tmp_path: Pat
     monkeypatch.setattr(torchscript, "sliding_window_logits", spy)
     steps: list[str] = []
     with pytest.warns(RuntimeWarning, match="CUDA out of memory"):
-        retried = member.predict(case, torch.device("cpu"), steps.append)
+        retried = member.predict(case, torch.device("cpu"), lambda step, fraction=None: steps.append(step))
     assert np.array_equal(retried.array, plain.array)  # the retry is the same computation
     assert results_devices == [torch.device("cpu"), torch.device("cpu")]  # first on the device, then on the CPU
     assert wrappers[0].calls > 2  # the network kept running after the failed first call

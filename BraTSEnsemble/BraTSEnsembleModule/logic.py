@@ -37,6 +37,7 @@ class SegmentationRun:
         self.saveUncertainty = saveUncertainty
         self.uncertaintyNode = None  # the heat-map volume, once finishSegmentation has loaded it
         self.uncertaintyOpacity = None
+        self.warnings = []  # the result JSON's "warnings" (e.g. a demo model set run on real images)
         self._started = time.monotonic()
 
     def elapsedSeconds(self):
@@ -315,6 +316,7 @@ class SegmentationLogic:
                 saveUncertainty=run.saveUncertainty, outputSegmentation=outputSegmentation, outputTable=outputTable)
             if uncertainty is not None:
                 run.uncertaintyNode, run.uncertaintyOpacity = uncertainty
+            run.warnings = json.loads(segmentationNode.GetAttribute("BraTSEnsemble.Warnings") or "[]")
             return segmentationNode, tableNode
         finally:
             shutil.rmtree(run.tempDir, ignore_errors=True)
@@ -338,6 +340,10 @@ class SegmentationLogic:
         tableNode = self._fillTable(segmentation.statistics_rows(statistics), caseId, reference, outputTable)
         segmentationNode.SetAttribute("BraTSEnsemble.Provenance", json.dumps(
             {k: statistics.get(k) for k in ("models", "postprocess", "device")}))
+        warnings = [str(w) for w in statistics.get("warnings") or []]
+        for warning in warnings:  # the Python console sees them in the log
+            logging.warning("BraTSEnsemble: %s", warning)
+        segmentationNode.SetAttribute("BraTSEnsemble.Warnings", json.dumps(warnings))
         uncertainty = None
         if saveUncertainty:
             display = segmentation.uncertainty_heat_map(caseId)

@@ -333,6 +333,9 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     seconds=run.elapsedSeconds(), name=segmentationNode.GetName())
                 self.logic.showResults(segmentationNode, tableNode, pn.t1c, run.uncertaintyNode,
                                        run.uncertaintyOpacity)
+                if run.warnings:  # e.g. the demo models on real images: said in the panel and in a dialog
+                    self.ui.statusLabel.text += "\n" + _("Warning: {warning}").format(warning=" ".join(run.warnings))
+                    slicer.util.warningDisplay("\n\n".join(run.warnings), windowTitle=_("BraTSEnsemble"))
         except Exception as exc:
             self.ui.statusLabel.text = _("Failed: {error}").format(error=str(exc).splitlines()[0] if str(exc) else "")
             logging.exception("BraTSEnsemble: segmentation failed")

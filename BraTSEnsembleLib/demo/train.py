@@ -200,6 +200,7 @@ def write_manifest(models_dir: Path, folders: dict[str, Path]) -> Path:
         "description": ("Demo ensemble of nnU-Net v2, U-Mamba Bot and MedNeXt-S trained for minutes on synthetic "
                         "phantoms (python -m BraTSEnsembleLib.demo.train). Shows the software; never use it on "
                         "patients."),
+        "demo": True,  # warns when run on anything but the shipped phantom (BraTSEnsembleLib.demo.guard)
         "postprocess": "ratio-adaptive",
         "members": [
             {"name": plan.name, "framework": plan.framework, "path": folders[plan.name].name, "folds": [FOLD]}

@@ -30,8 +30,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..case import Case
 
-#: Called by a member with a short description of what it is doing ("preprocessing", "fold 1/5", ...).
-StepReporter = Callable[[str], None]
+class StepReporter(Protocol):
+    """Called by a member with a short description of what it is doing ("preprocessing", "fold 1/5", ...) and,
+    when it knows it, the share of its own work done so far (0–1; see :mod:`.progress`)."""
+
+    def __call__(self, step: str, fraction: float | None = None) -> None: ...
 
 
 LABEL_SPACE = "labels"

@@ -27,7 +27,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from ..errors import InputError, ModelError
 from ..labels import BACKGROUND, ET, LABEL_NAMES, NETC, SNFH
 from ..roles import model_channel_roles
 from .base import Probabilities, StepReporter, with_cpu_results_on_oom
+from .progress import AFTER_WINDOW, TileProgress
 
 FRAMEWORK = "mednext"
 
@@ -509,6 +510,12 @@ def sliding_window_starts(patch_size: Sequence[int], image_size: Sequence[int], 
     return starts
 
 
+def window_count(patch_size: Sequence[int], image_size: Sequence[int], step_size: float) -> int:
+    """Windows :func:`predict_sliding_window` runs on an image of ``image_size`` (padded to at least the patch)."""
+    padded = [max(int(s), int(p)) for s, p in zip(image_size, patch_size)]
+    return int(np.prod([len(starts) for starts in sliding_window_starts(patch_size, padded, step_size)]))
+
+
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
     """Gaussian weights over a patch (sigma = patch · ``sigma_scale``), peak 1 at the centre voxel (size // 2), and
     no zeros (v1 replaces zeros by the smallest positive weight)."""
@@ -542,13 +549,15 @@ def _softmax_with_mirroring(network: nn.Module, patch: torch.Tensor, flips: Sequ
 def predict_sliding_window(network: nn.Module, data: np.ndarray, patch_size: Sequence[int], n_classes: int,
                            device: torch.device, step_size: float = 0.5,
                            mirror_axes: Sequence[int] = (0, 1, 2),
-                           results_device: torch.device | None = None) -> np.ndarray:
+                           results_device: torch.device | None = None,
+                           on_window: Callable[[int], None] | None = None) -> np.ndarray:
     """v1 sliding-window softmax of (C, …) ``data``: padded (zeros, centred) to at least the patch, windows at
     :func:`sliding_window_starts`, each window's mirror-averaged softmax weighted by the Gaussian, normalised by the
     summed weights. Returns float32 (n_classes, …) on the shape of ``data``.
 
     Windows run on ``device``; the weighted sums are accumulated on ``results_device`` (default ``device``; the CPU
-    when the device ran out of memory, see :func:`.base.with_cpu_results_on_oom`)."""
+    when the device ran out of memory, see :func:`.base.with_cpu_results_on_oom`). ``on_window(1)`` is called
+    after each window (progress)."""
     results_device = device if results_device is None else torch.device(results_device)
     shape = np.array(data.shape[1:])
     patch = np.array(patch_size)
@@ -571,6 +580,8 @@ def predict_sliding_window(network: nn.Module, data: np.ndarray, patch_size: Seq
             probs = _softmax_with_mirroring(network, x, flips)[0].to(results_device)
             summed[(slice(None), *window)] += probs * weights
             weight_sum[window] += weights
+            if on_window is not None:
+                on_window(1)
     result = summed / weight_sum
     crop = tuple(slice(int(b), int(b + s)) for b, s in zip(pad_before, shape))
     return result[(slice(None), *crop)].cpu().numpy()
@@ -719,6 +730,11 @@ class MedNeXtMember:
         return self._roles
 
     @property
+    def target_spacing_zyx(self) -> tuple[float, ...]:
+        """Spacing (z, y, x; mm) the case is resampled to (the plans' spacing, in the case's axis order)."""
+        return tuple(float(self.prep.target_spacing[axis]) for axis in self.prep.transpose_backward)
+
+    @property
     def labels(self) -> tuple[int, ...]:
         """Canonical BraTS label of each output channel, in the model's channel order."""
         return self._labels
@@ -754,8 +770,8 @@ class MedNeXtMember:
         """Probabilities (C, z, y, x) of ``case`` on its grid: v1 preprocessing, sliding window per fold (softmax
         averaged over folds), back to the case grid."""
         device = torch.device(device)
-        say = report or (lambda _message: None)
-        say("preprocessing")
+        say = report or (lambda _step, _fraction=None: None)
+        say("preprocessing", 0.0)
         images = np.stack([np.asarray(case.array(role), dtype=np.float32) for role in self._roles])
         if tuple(images.shape[1:]) != tuple(case.shape_zyx):
             raise InputError(f"case {case.case_id}: images of shape {images.shape[1:]} do not match the case grid "
@@ -763,19 +779,24 @@ class MedNeXtMember:
         pre = preprocess_v1(images, case.spacing_zyx, self.prep)
         mirror_axes = (0, 1, 2) if self.use_mirroring else ()
         summed: np.ndarray | None = None
+        folds = len(self.checkpoints)
+        tiles = TileProgress(say, window_count(self.prep.patch_size, pre.data.shape[1:], self.step_size) * folds)
         for index, fold in enumerate(self.checkpoints, start=1):
-            say(f"fold {fold} ({index}/{len(self.checkpoints)})")
+            tiles.label = f"fold {fold} ({index}/{folds}), sliding window" if folds > 1 else "sliding window"
             network = self.load_network(fold, device)
-            softmax = with_cpu_results_on_oom(
-                lambda on_device: predict_sliding_window(
+
+            def attempt(on_device: bool, _start: int = tiles.done) -> np.ndarray:
+                tiles.rewind(_start)  # a pass repeated after out-of-memory counts its tiles again
+                return predict_sliding_window(
                     network, pre.data, self.prep.patch_size, self.n_outputs, device, self.step_size, mirror_axes,
-                    results_device=device if on_device else torch.device("cpu")),
-                device, say, self.name)
+                    results_device=device if on_device else torch.device("cpu"), on_window=tiles.advance)
+
+            softmax = with_cpu_results_on_oom(attempt, device, say, self.name)
             summed = softmax if summed is None else summed + softmax
             del network
         assert summed is not None
         mean = summed / len(self.checkpoints)
-        say("back to the case grid")
+        say("back to the case grid", AFTER_WINDOW)
         array = probabilities_to_case_grid(mean, pre, self.prep, background_channel=0)
         return Probabilities(array=array, labels=self._labels)
 

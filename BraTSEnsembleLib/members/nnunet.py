@@ -189,6 +189,21 @@ class NnUNetMember:
         return self._labels
 
     @property
+    def target_spacing_zyx(self) -> tuple[float, ...] | None:
+        """Spacing (z, y, x; mm) nnU-Net resamples the case to: the plans' spacing of the folder's configuration
+        (``Trainer__Plans__configuration``; two values, in-plane, for 2-D ones); None when the plans do not say."""
+        configuration = self.model_dir.name.rsplit("__", 1)[-1]
+        if configuration not in self.plans.get("configurations", {}):
+            return None
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        try:
+            spacing = PlansManager(self.plans).get_configuration(configuration).spacing
+        except (KeyError, TypeError, ValueError):
+            return None
+        return tuple(float(s) for s in spacing)
+
+    @property
     def regions(self) -> tuple[str, ...]:
         """Canonical region (WT/TC/ET) of each output channel of a region-based model; () for label-based ones."""
         return self._regions
@@ -251,7 +266,6 @@ class NnUNetMember:
             self._predictor.device = device
             self._predictor.perform_everything_on_device = device.type == "cuda"
             return self._predictor
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -282,8 +296,10 @@ class NnUNetMember:
                     f"that plans.json describes ({summary}). The checkpoint and plans.json must come from the same "
                     "training; copy plans.json from the results folder the checkpoint was trained in."
                 ) from exc
+        from .nnunet_progress import ProgressPredictor  # nnUNetPredictor, its sliding window counted tile by tile
+
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints device notices on stdout
-            predictor = nnUNetPredictor(
+            predictor = ProgressPredictor(
                 tile_step_size=self.tile_step_size, use_gaussian=True, use_mirroring=self.use_mirroring,
                 perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
                 allow_tqdm=False,
@@ -302,13 +318,17 @@ class NnUNetMember:
         softmax over labels, or for a region-based model sigmoid per region (0 outside the crop box)."""
         ensure_roles_available(self.roles, case.roles, f"model {self.name}", f"case {case.case_id}")
         if report:
-            report("loading")
+            report("loading", 0.0)
         predictor = self._initialise(device)
         data = case.stacked(self.roles)
         if report:
-            report(f"predicting ({len(self.folds)} fold{'s' if len(self.folds) > 1 else ''})")
-        _, probabilities = predictor.predict_single_npy_array(data, {"spacing": list(case.spacing_zyx)}, None, None,
-                                                              True)
+            report(f"predicting ({len(self.folds)} fold{'s' if len(self.folds) > 1 else ''})", 0.02)
+        predictor.report = report  # tiles of the sliding window, then "back to the case grid"
+        try:
+            _, probabilities = predictor.predict_single_npy_array(data, {"spacing": list(case.spacing_zyx)}, None,
+                                                                  None, True)
+        finally:
+            predictor.report = None
         array = np.ascontiguousarray(probabilities, dtype=np.float32)
         if self.space == REGION_SPACE:
             return Probabilities(array, self._regions, REGION_SPACE)

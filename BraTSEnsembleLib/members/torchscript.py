@@ -70,9 +70,11 @@ from torch import nn
 from ..checkpoints import load_checkpoint
 from ..errors import InputError, ModelError
 from ..labels import BACKGROUND, LABEL_NAMES
+from ..limits import OVERLAP_RANGE, SPACING_RANGE_MM, is_real_number
 from ..roles import channel_role, ensure_roles_available
 from .base import (LABEL_SPACE, NESTED_REGIONS, REGION_SPACE, REGION_WRITES, Probabilities, StepReporter,
                    with_cpu_results_on_oom)
+from .progress import AFTER_WINDOW, TileProgress, monai_window_count
 
 FRAMEWORKS: tuple[str, ...] = ("torchscript", "monai")
 ACTIVATIONS: tuple[str, ...] = ("softmax", "sigmoid")
@@ -231,7 +233,7 @@ def _positive_ints(value: Any, count: int) -> bool:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    return isinstance(value, (int, float)) and is_real_number(value)  # finite: JSON NaN/Infinity are refused
 
 
 def manifest_options(framework: str, raw: Mapping[str, Any], class_labels: Mapping[int, int] | None,
@@ -284,8 +286,9 @@ def manifest_options(framework: str, raw: Mapping[str, Any], class_labels: Mappi
         raise fail("no normalization" if normalization is None else f"unknown normalization {normalization!r}",
                    f"Use one of {', '.join(NORMALIZATIONS)} (the BraTS MONAI bundle: zscore-nonzero).")
     overlap = raw.get("overlap", 0.25)
-    if not _number(overlap) or not 0 <= overlap < 1:
-        raise fail(f"overlap must be a number in [0, 1), got {overlap!r}", "Use e.g. 0.5 (MONAI's default 0.25).")
+    if not _number(overlap) or not OVERLAP_RANGE[0] <= overlap <= OVERLAP_RANGE[1]:
+        raise fail(f"overlap must be a number between {OVERLAP_RANGE[0]:g} and {OVERLAP_RANGE[1]:g}, got "
+                   f"{overlap!r}", "Use e.g. 0.5 (MONAI's default 0.25; larger overlaps multiply the windows).")
     batch = raw.get("sw_batch_size", 1)
     if not _positive_ints([batch], 1):
         raise fail(f"sw_batch_size must be a positive integer, got {batch!r}", "Use e.g. 1 (windows per forward).")
@@ -293,9 +296,10 @@ def manifest_options(framework: str, raw: Mapping[str, Any], class_labels: Mappi
     if mode not in BLEND_MODES:
         raise fail(f"mode must be \"constant\" or \"gaussian\", got {mode!r}", "Use MONAI's blend mode names.")
     spacing = raw.get("target_spacing")
+    low, high = SPACING_RANGE_MM
     if spacing is not None and not (isinstance(spacing, list) and len(spacing) == 3
-                                    and all(_number(s) and s > 0 for s in spacing)):
-        raise fail(f"target_spacing must be three positive numbers (mm), got {spacing!r}",
+                                    and all(_number(s) and low <= s <= high for s in spacing)):
+        raise fail(f"target_spacing must be three numbers between {low:g} and {high:g} (mm), got {spacing!r}",
                    'Write e.g. "target_spacing": [1.0, 1.0, 1.0], or leave it out to run on the case grid.')
     axis_order = raw.get("axis_order", "xyz")
     if axis_order not in AXIS_ORDERS:
@@ -405,8 +409,10 @@ class WindowPredictor:
     mirror flips, with the output checked against the declared channels."""
 
     def __init__(self, network: Callable[[torch.Tensor], Any], n_outputs: int, flips: Sequence[tuple[int, ...]],
-                 where: str) -> None:
+                 where: str, on_windows: Callable[[int], None] | None = None) -> None:
         self.network, self.n_outputs, self.flips, self.where = network, n_outputs, list(flips), where
+        #: called with the number of windows of each batch once its logits are computed (progress)
+        self.on_windows = on_windows
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         out = self.network(x)
@@ -430,6 +436,8 @@ class WindowPredictor:
             logits = torch.flip(logits, dims) if dims else logits
             total = logits if total is None else total + logits
         assert total is not None
+        if self.on_windows is not None:
+            self.on_windows(int(x.shape[0]))
         return total / len(self.flips) if len(self.flips) > 1 else total
 
 
@@ -505,6 +513,14 @@ class SlidingWindowMember:
         return self._roles
 
     @property
+    def target_spacing_zyx(self) -> tuple[float, ...] | None:
+        """Spacing (z, y, x; mm) the case is resampled to, or None (the network runs on the case grid)."""
+        spacing = self.settings.target_spacing
+        if spacing is None:
+            return None
+        return tuple(reversed(spacing)) if self.settings.axis_order == "xyz" else tuple(spacing)
+
+    @property
     def labels(self) -> tuple[int, ...]:
         """Canonical labels of the channels (softmax), or background and the labels the regions write (sigmoid)."""
         if self.space == REGION_SPACE:
@@ -518,21 +534,24 @@ class SlidingWindowMember:
     def predict(self, case: Any, device: torch.device, report: StepReporter | None = None) -> Probabilities:
         """Probabilities (K, z, y, x) on the case grid (see the module docstring for the steps)."""
         device = torch.device(device)
-        say = report or (lambda _message: None)
+        say = report or (lambda _step, _fraction=None: None)
         ensure_roles_available(self._roles, case.roles, f"model {self.name}", f"case {case.case_id}")
-        say("preprocessing")
+        say("preprocessing", 0.0)
         images = case.stacked(self._roles)
         if tuple(images.shape[1:]) != tuple(case.shape_zyx):
             raise InputError(f"case {case.case_id}: images of shape {images.shape[1:]} do not match the case grid "
                              f"{tuple(case.shape_zyx)}.")
         prepared = prepare_input(images, case.spacing_zyx, self.settings)
         del images
-        say(f"loading {self.path.name}")
+        say(f"loading {self.path.name}", 0.05)
         network = self.load_network(device)
-        predictor = WindowPredictor(network, len(self.channels), mirror_dims(self.settings.mirroring), self.where)
-        say(f"sliding window on {device}")
+        tiles = TileProgress(say, monai_window_count(prepared.data.shape[1:], self.settings.roi_size,
+                                                     self.settings.overlap), f"sliding window on {device}")
+        predictor = WindowPredictor(network, len(self.channels), mirror_dims(self.settings.mirroring), self.where,
+                                    on_windows=tiles.advance)
 
         def attempt(results_on_device: bool) -> torch.Tensor:
+            tiles.rewind(0)  # a pass repeated after out-of-memory counts its windows again
             results_device = device if results_on_device else torch.device("cpu")
             return sliding_window_logits(predictor, prepared.data, self.settings, device, results_device)
 
@@ -547,7 +566,7 @@ class SlidingWindowMember:
                 f"its {len(self._roles)} input channel(s) in order and that roi_size is a size it accepts.") from exc
         finally:
             del network, predictor
-        say("back to the case grid")
+        say("back to the case grid", AFTER_WINDOW)
         array = logits_to_case_grid(logits, prepared, self.activation, self.settings.axis_order)
         if array.shape[1:] != tuple(case.shape_zyx):  # pragma: no cover - guarded by the inverse transforms
             raise ModelError(f"{self.where}: probabilities of shape {array.shape[1:]} do not fit the case grid")
