@@ -137,7 +137,7 @@ def _record(path: Path, loaded_trusted: list[Path] | None, load: Any) -> Any:
 def _weights_only_reason(exc: BaseException) -> str:
     """What torch's weights-only unpickler refused, without its advice to allow-list it."""
     text = str(exc)
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    match = re.search(r"GLOBAL ([\w.]+)", text)  # "Unsupported global: GLOBAL x.y" / "unsupported GLOBAL x.y whose …"
     if match:
         return f"it refers to {match.group(1)}"
     match = re.search(r"WeightsUnpickler error: ([^\n]+)", text)

@@ -316,9 +316,11 @@ def _stream(source: IO[bytes], part: Path, mode: str, url: str, offset: int, tot
             if not block:
                 break
             if offset + received + len(block) > limit:
-                what = (f"the server sent more than the {total} bytes it announced" if total is not None
-                        and limit == total else f"it is larger than {limit} bytes")
-                raise _too_large(url, what, limit, size)
+                if total is not None and limit == total:
+                    raise DownloadRefused(f"{url}: the server sends more than the {total} bytes it announced "
+                                          "(Content-Length); the download was stopped and deleted. Try again later "
+                                          "or ask the publisher to fix the server.")
+                raise _too_large(url, f"the transfer went past {limit} bytes", limit, size)
             try:
                 handle.write(block)
             except OSError as exc:
@@ -338,11 +340,12 @@ def _copy_file_url(url: str, part: Path, progress: bool, limit: int, size: int |
         descriptor = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         raise ModelError(f"{url}: cannot be read ({exc.strerror or exc}); check the path in the manifest") from exc
+    info = os.fstat(descriptor)  # of the file opened, not of what the name points to later
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise DownloadRefused(f"{url}: not a regular file (a device, pipe or folder); a file:// url must name the "
+                              "model archive itself.")
     with os.fdopen(descriptor, "rb") as handle:
-        info = os.fstat(handle.fileno())  # of the file opened, not of what the name points to later
-        if not stat.S_ISREG(info.st_mode):
-            raise DownloadRefused(f"{url}: not a regular file (a device, pipe or folder); a file:// url must name "
-                                  "the model archive itself.")
         length = info.st_size
         if length > limit:
             raise _too_large(url, f"the file has {length} bytes", limit, size)

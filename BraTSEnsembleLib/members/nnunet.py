@@ -242,6 +242,24 @@ class NnUNetMember:
         except (ImportError, TypeError, KeyError) as exc:
             raise ModelError(f"{self.model_dir / 'plans.json'}: cannot build the network it describes ({exc})") from exc
 
+    def _refuse_network_larger_than_weights(self, build: tuple, state: dict) -> None:
+        """A plans.json can ask for any width: before the network is allocated, build it on the meta device (no
+        memory) and refuse it when it needs more values than the checkpoint holds (they do not belong together)."""
+        try:
+            with torch.device("meta"):
+                sized = self._build_network(*build)
+        except ModelError:
+            raise
+        except Exception:  # noqa: BLE001 - not buildable without memory: the real build below reports problems
+            return
+        needed = sum(t.numel() for t in sized.state_dict().values())
+        held = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+        if needed > held:
+            raise ModelError(f"{self.model_dir / 'plans.json'}: describes a network of {needed} values, but the "
+                             f"checkpoints hold {held}; it was not built. The checkpoint and plans.json must come from "
+                             "the same training; copy plans.json from the results folder the checkpoint was trained "
+                             "in.")
+
     def _initialise(self, device: torch.device) -> Any:
         """Build nnU-Net's predictor around our network, once; later calls only move it to ``device``."""
         if self._predictor is not None:
@@ -267,8 +285,10 @@ class NnUNetMember:
             raise ModelError(f"{self.model_dir}: plans expect {num_inputs} input channels, dataset.json names "
                              f"{len(self.roles)}")
         label_manager = plans_manager.get_label_manager(self.dataset_json)
-        network = self._build_network(checkpoint["trainer_name"], configuration_manager, num_inputs,
-                                      label_manager.num_segmentation_heads, configuration)
+        build = (checkpoint["trainer_name"], configuration_manager, num_inputs, label_manager.num_segmentation_heads,
+                 configuration)
+        self._refuse_network_larger_than_weights(build, weights[0])
+        network = self._build_network(*build)
         for fold, state in zip(self.folds, weights):
             try:
                 network.load_state_dict(state)
