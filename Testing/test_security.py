@@ -452,7 +452,8 @@ def test_monai_pretrained_url_is_refused_before_anything_is_fetched(case_dir: Pa
 
 MONAI_ARGUMENTS = [
     ("default-pretrained", {"_target_": "EfficientNetBN", "model_name": "efficientnet-b0", "spatial_dims": 3,
-                            "in_channels": 4, "num_classes": 4}, "pretrained=True (its default)", '"pretrained": false'),
+                            "in_channels": 4, "num_classes": 4},
+     "pretrained=True (its default)", '"pretrained": false'),
     ("pretrained-true", {"_target_": "DenseNet121", "spatial_dims": 3, "in_channels": 4, "out_channels": 4,
                          "pretrained": True}, "pretrained=True", '"pretrained": false'),
     ("path-argument", {"_target_": "SegResNet", "in_channels": 4, "out_channels": 4, "act": "/tmp/x.pth"},
