@@ -242,7 +242,7 @@ class NnUNetMember:
         except (ImportError, TypeError, KeyError) as exc:
             raise ModelError(f"{self.model_dir / 'plans.json'}: cannot build the network it describes ({exc})") from exc
 
-    def _refuse_network_larger_than_weights(self, build: tuple, state: dict) -> None:
+    def _refuse_network_larger_than_weights(self, build: tuple, state: dict, checkpoint: Path) -> None:
         """A plans.json can ask for any width: before the network is allocated, build it on the meta device (no
         memory) and refuse it when it needs more values than the checkpoint holds (they do not belong together)."""
         try:
@@ -255,10 +255,10 @@ class NnUNetMember:
         needed = sum(t.numel() for t in sized.state_dict().values())
         held = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
         if needed > held:
-            raise ModelError(f"{self.model_dir / 'plans.json'}: describes a network of {needed} values, but the "
-                             f"checkpoints hold {held}; it was not built. The checkpoint and plans.json must come from "
-                             "the same training; copy plans.json from the results folder the checkpoint was trained "
-                             "in.")
+            raise ModelError(f"{checkpoint}: its weights do not fit the network that plans.json describes (that "
+                             f"network needs {needed} values, the checkpoint holds {held}; it was not built). The "
+                             "checkpoint and plans.json must come from the same training; copy plans.json from the "
+                             "results folder the checkpoint was trained in.")
 
     def _initialise(self, device: torch.device) -> Any:
         """Build nnU-Net's predictor around our network, once; later calls only move it to ``device``."""
@@ -287,7 +287,8 @@ class NnUNetMember:
         label_manager = plans_manager.get_label_manager(self.dataset_json)
         build = (checkpoint["trainer_name"], configuration_manager, num_inputs, label_manager.num_segmentation_heads,
                  configuration)
-        self._refuse_network_larger_than_weights(build, weights[0])
+        self._refuse_network_larger_than_weights(build, weights[0],
+                                                 self.model_dir / f"fold_{self.folds[0]}" / self.checkpoint_name)
         network = self._build_network(*build)
         for fold, state in zip(self.folds, weights):
             try:
