@@ -10,7 +10,7 @@ only once complete, so a half-extracted archive never looks usable).
 ``brats-ensemble models list|fetch|verify MANIFEST`` (:func:`register_models_command`,
 :func:`run_models_command`) lists, downloads or checks the members of a manifest.
 
-**Bounded.** A download stops as soon as it exceeds the member's ``size`` (bytes, optional manifest key), the
+**Bounded.** A download stops as soon as it exceeds the member's ``archive_size`` (bytes, optional manifest key), the
 server's Content-Length, or :func:`max_download_bytes` (``$BRATS_ENSEMBLE_MAX_DOWNLOAD``, default 16 GiB); a
 ``file://`` source must be a regular file. An archive is refused before extraction when its entries declare more
 than :func:`max_extracted_bytes` (``$BRATS_ENSEMBLE_MAX_EXTRACTED``, default 32 GiB) or more than
@@ -150,8 +150,8 @@ def _human(n: int) -> str:
 
 def _too_large(url: str, what: str, limit: int, size: int | None) -> DownloadRefused:
     if size is not None:
-        fix = ("the manifest's \"size\" of this member says how large the archive is; if the publisher changed "
-               "the archive, ask for the new size and sha256")
+        fix = ("the manifest's \"archive_size\" of this member says how large the archive is; if the publisher "
+               "changed the archive, ask for the new archive_size and sha256")
     else:
         fix = (f"if the model really is that large, raise the cap: set {MAX_DOWNLOAD_ENV} (e.g. "
                f"{MAX_DOWNLOAD_ENV}=64G) and run the command again")
@@ -177,7 +177,7 @@ def download(url: str, dest: Path, sha256: str, progress: bool = True, size: int
     Data goes to ``dest.part`` first; a ``.part`` left by an interrupted run is resumed with an HTTP Range request
     (a server that ignores Range sends the whole file, which then replaces the partial one). The whole file is
     checked against ``sha256`` before it is renamed to ``dest``. A ``dest`` that exists with the right checksum is
-    returned without any network request. The transfer stops beyond ``size`` (the manifest's, in bytes), the
+    returned without any network request. The transfer stops beyond ``size`` (the manifest's ``archive_size``), the
     server's Content-Length or :func:`max_download_bytes`. Raises ModelError: on a checksum mismatch or a refused
     download (the file is deleted, with its cache folder when that is left empty) and on network errors (the
     ``.part`` is kept for the next attempt). ``file://`` URLs work as well; they must name a regular file.
@@ -199,8 +199,8 @@ def download(url: str, dest: Path, sha256: str, progress: bool = True, size: int
         _fetch_to_part(url, part, progress, limit, size)
         received = part.stat().st_size
         if size is not None and received != size:
-            raise DownloadRefused(f"{url}: {received} bytes arrived, but the manifest's \"size\" says {size}; the "
-                                  "download was deleted. Ask the publisher for the right size and sha256.")
+            raise DownloadRefused(f"{url}: {received} bytes arrived, but the manifest's \"archive_size\" says {size}; "
+                                  "the download was deleted. Ask the publisher for the right archive_size and sha256.")
     except DownloadRefused:
         part.unlink(missing_ok=True)
         _remove_empty(dest.parent)
@@ -632,7 +632,7 @@ def ensure_member_files(member: dict[str, Any], manifest_dir: Path, cache_dir: P
     """The model folder of a manifest member, downloading and extracting its archive into the cache when needed.
 
     ``member["path"]`` (relative to ``manifest_dir``) is returned when it exists. Otherwise the member needs a
-    ``url`` and the archive's ``sha256`` (and may give its ``size`` in bytes): the archive is downloaded into
+    ``url`` and the archive's ``sha256`` (and may give its ``archive_size`` in bytes): the archive is downloaded into
     ``cache_dir`` (default :func:`default_cache_dir`), verified, extracted, and the extracted model folder is
     returned (the archive's single top-level folder, or the extraction folder). A member already extracted in the
     cache needs no network. A refused download or archive leaves nothing in the cache.
@@ -658,13 +658,13 @@ def ensure_member_files(member: dict[str, Any], manifest_dir: Path, cache_dir: P
 
 
 def _member_size(member: dict[str, Any]) -> int | None:
-    """The manifest's ``size`` of the member's archive (bytes), or None; ModelError when it is no byte count."""
-    size = member.get("size")
+    """The manifest's ``archive_size`` of the member (bytes), or None; ModelError when it is no byte count."""
+    size = member.get("archive_size")
     if size is None:
         return None
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ModelError(f"model {_member_name(member)}: size {size!r} is not the archive's size in bytes; write "
-                         "the output of `stat -c %s ARCHIVE` or remove the key")
+        raise ModelError(f"model {_member_name(member)}: archive_size {size!r} is not the archive's size in bytes; "
+                         "write the output of `stat -c %s ARCHIVE` or remove the key")
     return size
 
 

@@ -26,7 +26,7 @@ Manifest format (every key; anything else is refused)::
         "class_weights": {"ET": 1.2},       # optional; background/NETC/SNFH/ET/RC → factor > 0 (default 1)
         "url": "https://…/resenc-m.zip",    # optional; downloaded (into the cache) when path does not exist
         "sha256": "…",                      # required with url: SHA-256 of the archive
-        "size": 123456789,                  # optional with url: the archive's size in bytes (the download stops
+        "archive_size": 123456789,          # optional with url: the archive's size in bytes (the download stops
                                             #   beyond it; see docs/security.md for the default caps)
         "class_labels": {"1": 2, "2": 1},   # mednext only: output channel → BraTS label (number or name)
         "channel_roles": ["t1n", …],        # mednext only: roles of the input channels
@@ -63,7 +63,7 @@ DEFAULT_POSTPROCESS = "ratio-adaptive"
 
 _TOP_KEYS = {"name", "description", "postprocess", "labels", "recipe", "members"}
 _COMMON_MEMBER_KEYS = {"name", "framework", "path", "folds", "checkpoint", "mirroring", "tile_step", "weight",
-                       "class_weights", "url", "sha256", "size"}
+                       "class_weights", "url", "sha256", "archive_size"}
 _MEDNEXT_KEYS = {"class_labels", "channel_roles", "size", "kernel_size"}
 _MEDNEXT_CHECKPOINTS = {"final": "model_final_checkpoint", "best": "model_best"}
 #: torchscript / monai members (one network file, see members/torchscript.py): no folds, checkpoint or tile_step;
@@ -495,13 +495,13 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
         if "sha256" in raw and not _SHA256_RE.match(raw["sha256"].strip()):
             raise check.fail(where, f"sha256 {raw['sha256']!r} is not a SHA-256 digest (64 hex digits)",
                              "Compute it with `sha256sum ARCHIVE`.")
-        if "size" in raw:
-            size = raw["size"]
+        if "archive_size" in raw:
+            size = raw["archive_size"]
             if "url" not in raw:
-                raise check.fail(where, "has a size but no url", "\"size\" is the byte size of the archive at "
-                                 "\"url\"; remove it or add the url.")
+                raise check.fail(where, "has an archive_size but no url", "\"archive_size\" is the byte size of "
+                                 "the archive at \"url\"; remove it or add the url.")
             if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-                raise check.fail(where, f"size must be the archive's size in bytes (a positive integer), got "
+                raise check.fail(where, f"archive_size must be the archive's size in bytes (a positive integer), got "
                                  f"{json.dumps(size)}", "Write the output of `stat -c %s ARCHIVE` (or `wc -c`).")
         weight = check.number(raw.get("weight", 1.0), where, "weight",
                               "Weights are relative; give a number > 0 (1 = the default).")
@@ -526,7 +526,7 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
         members.append(member)
         weights.append(weight)
         class_weights.append(factors)
-        sources.append({k: raw[k] for k in ("url", "sha256", "size") if k in raw})
+        sources.append({k: raw[k] for k in ("url", "sha256", "archive_size") if k in raw})
     try:
         return ModelSet(members, weights, steps, class_weights=class_weights, name=name.strip(),
                         description=description, manifest=manifest, member_sources=sources,

@@ -568,8 +568,8 @@ def test_download_stops_at_the_manifest_size_and_at_content_length(tmp_path: Pat
     cache = tmp_path / "cache"
     unannounced = serve(body=body, content_length=False)
     manifest = write_manifest(tmp_path, [{"name": "sized", "framework": "nnunetv2", "path": "absent",
-                                          "url": unannounced.url("m.zip"), "sha256": sha(body), "size": 1000}])
-    fetch_refused(fetch(manifest, cache), "went past 1000 bytes", "manifest's \"size\"")
+                                          "url": unannounced.url("m.zip"), "sha256": sha(body), "archive_size": 1000}])
+    fetch_refused(fetch(manifest, cache), "went past 1000 bytes", "manifest's \"archive_size\"")
     assert files_under(cache) == []
     announced = serve(body=body, announce=len(body))
     manifest = write_manifest(tmp_path, [{"name": "announced", "framework": "nnunetv2", "path": "absent",
@@ -659,50 +659,15 @@ def test_oversized_manifest_and_description_are_refused(tmp_path: Path, case_dir
     assert files_under(tmp_path / "out") == []
 
 
-def test_manifest_size_key_is_checked(tmp_path: Path) -> None:
-    for size, problem in ((-1, "size must be the archive's size in bytes"), ("1G", "size must be"),
-                          (None, "has a size but no url")):
-        member = {"framework": "nnunetv2", "path": "absent", "size": 5 if size is None else size}
+def test_manifest_archive_size_key_is_checked(tmp_path: Path) -> None:
+    for size, problem in ((-1, "archive_size must be the archive's size in bytes"), ("1G", "archive_size must be"),
+                          (None, "has an archive_size but no url")):
+        member = {"framework": "nnunetv2", "path": "absent", "archive_size": 5 if size is None else size}
         if size is not None:
             member.update(url="https://example.org/m.zip", sha256="a" * 64)
         with pytest.raises(ModelError, match=problem):
             load_model_set(write_manifest(tmp_path, [member]))
-
-
-# ------------------------------------------------------------------------------------------------ Slicer's question
-
-def test_the_slicer_module_asks_about_exactly_the_torchscript_files_of_a_manifest(tmp_path: Path) -> None:
-    """What the module's confirmation lists (``trust.torchscript_files``) and passes on (``--trust-checkpoint``)."""
-    from BraTSEnsembleLib.process import build_predict_command
-    from BraTSEnsembleLib.trust import torchscript_files
-
-    models = tmp_path / "models"
-    (models / "folder").mkdir(parents=True)
-    (models / "net.ts").write_bytes(b"program")
-    (models / "folder" / "other.ts").write_bytes(b"program")
-    (models / "weights.pt").write_bytes(b"weights")
-    manifest = write_manifest(tmp_path, [torchscript_member(Path("models/net.ts")),
-                                         torchscript_member(models / "folder"),
-                                         {"framework": "monai", "path": "models/weights.pt"},
-                                         {"framework": "nnunetv2", "path": str(NNUNET_DEMO)}])
-    files = torchscript_files(manifest)
-    assert files == [models / "net.ts", models / "folder" / "other.ts"]
-    assert torchscript_files(tmp_path / "absent.json") == []
-    args = build_predict_command("case", "out", str(manifest), trust=files)
-    assert args[args.index("--device") + 2:args.index("--device") + 6] == [
-        "--trust-checkpoint", str(files[0]), "--trust-checkpoint", str(files[1])]
-    assert "--trust-checkpoint" not in build_predict_command("case", "out", str(manifest))
-
-
-def test_plans_asking_for_a_huge_network_are_refused_before_it_is_allocated(tmp_path: Path, case_dir: Path) -> None:
-    """A plans.json can ask for any width; 2**20 features per stage would need terabytes. The network is sized on
-    the meta device first and refused because the checkpoint holds far fewer values."""
-    from BraTSEnsembleLib.case import read_case_folder
-
-    model = copy_model(NNUNET_DEMO, tmp_path / NNUNET_DEMO.name)
-    hostile_plans(model, _set(("architecture", "arch_kwargs", "features_per_stage"), [1 << 20] * 5))
-    checkpoint = model / "fold_0" / "checkpoint_final.pth"
-    with pytest.raises(ModelError, match=rf"{checkpoint}: its weights do not fit the network that plans\.json "
-                                         r"describes \(that network needs \d+ values, the checkpoint holds \d+; it "
-                                         r"was not built\)"):
-        NnUNetMember(model, use_mirroring=False).predict(read_case_folder(case_dir), torch.device("cpu"))
+    # a MedNeXt member's "size" stays the network size (S/B/M/L), not a byte count
+    member = {"framework": "mednext", "path": str(MEDNEXT_DEMO), "size": "S", "kernel_size": 3,
+              "url": "https://example.org/m.zip", "sha256": "a" * 64, "archive_size": 123}
+    assert load_model_set(write_manifest(tmp_path, [member])).members[0].size == "S"
