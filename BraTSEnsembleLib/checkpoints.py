@@ -97,11 +97,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return found
 
 
-def load_plain_pickle(path: Path) -> Any:
+def load_plain_pickle(path: Path, trusted: bool = False, loaded_trusted: list[Path] | None = None) -> Any:
     """Read an nnU-Net v1 ``.pkl`` (plans, ``.model.pkl``) that holds only dicts, lists and numpy values.
 
     Raises ModelError when the file is missing, unreadable, or asks for any other class or function (such a file
-    could run code when unpickled, so it is refused rather than trusted).
+    could run code when unpickled, so it is refused rather than trusted). With ``trusted`` (the user passed
+    ``--trust-checkpoint`` for it) such a file is unpickled fully instead, and appended to ``loaded_trusted``.
     """
     try:
         data = path.read_bytes()
@@ -110,45 +111,63 @@ def load_plain_pickle(path: Path) -> Any:
     try:
         return _RestrictedUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as exc:
+        if trusted:
+            return _record(path, loaded_trusted, lambda: pickle.loads(data))  # noqa: S301 - trusted by the user
         raise ModelError(
             f"{path}: the pickle contains something other than plain data ({exc}). BraTSEnsemble does not unpickle "
-            "arbitrary objects; re-create the file from a trusted nnU-Net v1 installation."
+            "arbitrary objects; re-create the file from a trusted nnU-Net v1 installation, or, only if you trust "
+            f"its source, pass --trust-checkpoint {path}"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - truncated or foreign files fail in many ways
         raise ModelError(f"{path}: not a readable nnU-Net v1 pickle ({type(exc).__name__}: {exc}).") from exc
 
 
+def _record(path: Path, loaded_trusted: list[Path] | None, load: Any) -> Any:
+    """``load()`` (a full unpickling the user trusted), noting ``path`` in ``loaded_trusted``."""
+    try:
+        result = load()
+    except Exception as exc:  # noqa: BLE001 - whatever the trusted file raises
+        raise ModelError(f"{path}: cannot be unpickled even with --trust-checkpoint ({type(exc).__name__}: "
+                         f"{str(exc)[:200]}).") from exc
+    if loaded_trusted is not None and path not in loaded_trusted:
+        loaded_trusted.append(path)
+    return result
+
+
 def _weights_only_reason(exc: BaseException) -> str:
     """What torch's weights-only unpickler refused, without its advice to allow-list it."""
     text = str(exc)
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    match = re.search(r"GLOBAL ([\w.]+)", text)  # "Unsupported global: GLOBAL x.y" / "unsupported GLOBAL x.y whose …"
     if match:
         return f"it refers to {match.group(1)}"
     match = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
     return (match.group(1) if match else type(exc).__name__)[:200]
 
 
-def load_checkpoint(path: str | Path, trusted: bool = False, extra_safe_globals: Iterable[Any] = ()) -> dict:
-    """Load a checkpoint dict on the CPU, safely unless ``trusted``.
+def load_checkpoint(path: str | Path, trusted: bool = False, extra_safe_globals: Iterable[Any] = (),
+                    loaded_trusted: list[Path] | None = None) -> dict:
+    """Load a checkpoint dict on the CPU, safely; fully unpickled only if ``trusted`` and the safe read refuses it.
 
-    Raises ModelError naming the file when it is missing, unreadable, or needs unsafe unpickling (then the message
-    says how to trust it: ``--trust-checkpoint PATH`` on the command line).
+    Raises ModelError naming the file when it is missing, unreadable, or needs unsafe unpickling without
+    ``trusted`` (then the message says how to trust it: ``--trust-checkpoint PATH`` on the command line). A file
+    that needed the full unpickling is appended to ``loaded_trusted``.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint file not found")
     try:
-        if trusted:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        else:
+        try:
             with torch.serialization.safe_globals([*torch_safe_numpy_globals(), *extra_safe_globals]):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelError(
-            f"{path}: refused to load because it needs code beyond weights and numpy values "
-            f"({_weights_only_reason(exc)}). "
-            f"Load it only if you trust its source: pass --trust-checkpoint {path}"
-        ) from exc
+        except pickle.UnpicklingError as exc:
+            if not trusted:
+                raise ModelError(
+                    f"{path}: refused to load because it needs code beyond weights and numpy values "
+                    f"({_weights_only_reason(exc)}). "
+                    f"Load it only if you trust its source: pass --trust-checkpoint {path} (that file only)"
+                ) from exc
+            checkpoint = _record(path, loaded_trusted,
+                                 lambda: torch.load(path, map_location="cpu", weights_only=False))
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot be read as a torch checkpoint ({exc}). The file may be truncated; "
                          "download or copy it again.") from exc

@@ -73,8 +73,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--channel-names", metavar="ROLE,ROLE…",
                        help="roles of nnU-Net-numbered files _0000, _0001 … (e.g. t1n,t1c,t2w,t2f) when no "
                             "dataset.json lies beside them (default: the first model's channel names)")
-    group.add_argument("--trust-checkpoint", action="append", default=[], metavar="PATH",
-                       help="allow full unpickling of checkpoints under PATH (only for sources you trust)")
+    group.add_argument("--trust-checkpoint", action="append", default=[], metavar="FILE|DIR",
+                       help="trust FILE (a checkpoint to unpickle fully, a TorchScript file to run), or every file "
+                            "under DIR, DIR itself included; repeatable. Only for sources you trust: such files can "
+                            "run code. A manifest cannot grant this (docs/security.md)")
     limits = parser.add_argument_group("input limits")
     limits.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET_GIB, metavar="GIB",
                         help="memory a case may need, in GiB (default %(default)g): an image whose header promises "

@@ -9,7 +9,7 @@ Two ways to make one:
 Manifest format (every key; anything else is refused)::
 
     {"name": "my-ensemble",                 # optional; default: the file name without .json
-     "description": "…",                    # optional, free text
+     "description": "…",                    # optional, free text (at most 10 000 characters)
      "postprocess": "ratio-adaptive",       # optional; a rule string or a list of rules; default ratio-adaptive
                                             #   (none for models with their own label set: labelsets.py)
      "min_lesion_volume_mm3": 100,          # optional; lesions smaller than this are not counted (statistics)
@@ -30,9 +30,14 @@ Manifest format (every key; anything else is refused)::
         "class_weights": {"ET": 1.2},       # optional; background/NETC/SNFH/ET/RC → factor in [0.001, 1000]
         "url": "https://…/resenc-m.zip",    # optional; downloaded (into the cache) when path does not exist
         "sha256": "…",                      # required with url: SHA-256 of the archive
+        "archive_size": 123456789,          # optional with url: the archive's size in bytes (the download stops
+                                            #   beyond it; see docs/security.md for the default caps)
         "class_labels": {"1": 2, "2": 1},   # mednext only: output channel → BraTS label (number or name)
         "channel_roles": ["t1n", …],        # mednext only: roles of the input channels
         "size": "M", "kernel_size": 3}]}    # mednext only: when the trainer name does not tell them
+
+The manifest is read bounded and exact (:mod:`BraTSEnsembleLib.jsonfiles`): at most 1 MiB, nested at most 32
+levels, and a key named twice in one object is refused.
 
 Fusion: member ``m`` has weight ``w[m,c] = weight · class_weights[c]`` for class ``c``; the fused probability of
 ``c`` is ``Σ_m w[m,c]·p[m,c] / Σ_m w[m,c]`` (see :mod:`BraTSEnsembleLib.ensemble`).
@@ -47,6 +52,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import BraTSEnsembleError, ModelError
+from .jsonfiles import MANIFEST_MAX_BYTES, read_json_file
 from .ensemble import ARGMAX, LABEL_RULES, SEQUENTIAL_THRESHOLD, fusion_space
 from .labels import LABEL_NAMES
 from .labelsets import (BRATS_LABEL_SET, LabelSet, check_class_weights, check_postprocess_steps,
@@ -55,6 +61,7 @@ from .limits import TILE_STEP_RANGE, WEIGHT_RANGE, check_tile_step, is_real_numb
 from .members.base import REGION_SPACE, Member
 from .members.nnunet import NnUNetMember
 from .postprocess import Step, parse_steps
+from .trust import TrustedFiles
 
 #: Class names accepted in ``class_weights`` / ``class_labels`` (canonical BraTS 2023+ labels).
 CLASS_NAMES: dict[str, int] = {name: label for label, name in LABEL_NAMES.items()}
@@ -63,7 +70,7 @@ DEFAULT_POSTPROCESS = "ratio-adaptive"
 
 _TOP_KEYS = {"name", "description", "postprocess", "labels", "recipe", "demo", "members", "min_lesion_volume_mm3"}
 _COMMON_MEMBER_KEYS = {"name", "framework", "path", "folds", "checkpoint", "mirroring", "tile_step", "weight",
-                       "class_weights", "url", "sha256"}
+                       "class_weights", "url", "sha256", "archive_size"}
 _MEDNEXT_KEYS = {"class_labels", "channel_roles", "size", "kernel_size"}
 _MEDNEXT_CHECKPOINTS = {"final": "model_final_checkpoint", "best": "model_best"}
 #: torchscript / monai members (one network file, see members/torchscript.py): no folds, checkpoint or tile_step;
@@ -76,6 +83,9 @@ _MEMBER_KEYS: dict[str, set[str]] = {
     "nnunetv2": _COMMON_MEMBER_KEYS, "umamba": _COMMON_MEMBER_KEYS, "mednext": _COMMON_MEMBER_KEYS | _MEDNEXT_KEYS,
     "torchscript": _SLIDING_WINDOW_KEYS, "monai": _SLIDING_WINDOW_KEYS | {"network"}}
 _SHA256_RE = re.compile(r"^(sha256:)?[0-9a-fA-F]{64}$")
+#: Free text copied into every result's JSON: the set's description and names are capped.
+MAX_DESCRIPTION_CHARS = 10_000
+MAX_NAME_CHARS = 200
 
 
 @dataclass
@@ -175,6 +185,7 @@ class ModelSet:
                       "class_weights": {names[c]: float(factors.get(c, 1.0)) for c in labels}}
             if self.member_sources and self.member_sources[index]:
                 record.update(self.member_sources[index])
+            record["trusted_files"] = [str(p) for p in getattr(member, "trusted_files", [])]
             members.append(record)
         description: dict[str, Any] = {}
         if self.name is not None or self.manifest is not None:
@@ -199,6 +210,8 @@ class ModelSet:
             "postprocess": [str(s) for s in self.postprocess],
             "label_set": self.label_set.to_json(),
             "min_lesion_volume_mm3": self.min_lesion_volume_mm3,
+            # every file that was loaded with full unpickling or run as TorchScript because the user trusted it
+            "trusted_files": [f for record in members for f in record["trusted_files"]],
         })
         return description
 
@@ -224,11 +237,10 @@ def nnunet_model_set(paths: Sequence[str | Path], weights: Sequence[float] | Non
     """A model set of nnU-Net v2 results folders (the command line's ``--model`` options). ``postprocess`` None
     means the command line's default (:func:`default_postprocess`)."""
     check_tile_step(tile_step_size)
-    trusted = {Path(p).resolve() for p in trusted_checkpoints}
+    trust = TrustedFiles(trusted_checkpoints)  # each checkpoint is asked about on its own
     members: list[Member] = []
     for path in paths:
         model_dir = Path(path).expanduser().resolve()
-        trust = any(model_dir in t.parents for t in trusted)
         members.append(NnUNetMember(model_dir, folds=folds, checkpoint=checkpoint, use_mirroring=use_mirroring,
                                     tile_step_size=tile_step_size, trust_checkpoint=trust))
     if postprocess is None:
@@ -278,19 +290,21 @@ def _member_where(index: int, raw: Mapping[str, Any]) -> str:
     return f"member {index + 1}" + (f" ({name!r})" if name else "")
 
 
-def _read_manifest(path: Path) -> tuple[Any, str]:
-    """(parsed JSON, SHA-256 of the file)."""
+def read_manifest(path: Path) -> tuple[Any, str]:
+    """(parsed JSON, SHA-256 of the file) of a manifest, read bounded and exact (:mod:`.jsonfiles`)."""
+    if not path.exists():
+        raise ModelError(f"{path}: model-set manifest not found. Check the path given to --model-set.")
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ModelError(f"{path}: model-set manifest not found. Check the path given to --model-set.") from exc
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read the model-set manifest ({exc.strerror or exc})") from exc
-    try:
-        return json.loads(raw.decode("utf-8")), hashlib.sha256(raw).hexdigest()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc}). A model-set manifest is a JSON object with a "
-                         "\"members\" list; see docs/model-sets.md.") from exc
+        data, raw = read_json_file(path, "model-set manifest", MANIFEST_MAX_BYTES)
+    except ModelError as exc:
+        if "not valid JSON" in str(exc):
+            raise ModelError(f"{exc} A model-set manifest is a JSON object with a \"members\" list; see "
+                             "docs/model-sets.md.") from exc
+        raise
+    return data, hashlib.sha256(raw).hexdigest()
+
+
+_read_manifest = read_manifest
 
 
 def _folds(check: _Checker, value: Any, where: str) -> list[str] | None:
@@ -409,20 +423,19 @@ def _member_options(check: _Checker, raw: Mapping[str, Any], where: str) -> dict
             "size": size, "kernel_size": kernel}
 
 
-def _build_member(framework: str, path: Path, options: dict[str, Any], trusted: set[Path]) -> Member:
+def _build_member(framework: str, path: Path, options: dict[str, Any], trust: TrustedFiles) -> Member:
+    """The member; ``trust`` (the user's --trust-checkpoint paths) is asked about each file it loads."""
     if framework in ("nnunetv2", "umamba"):
-        trust = any(path == t or t in path.parents or path in t.parents for t in trusted)
         member: Any = NnUNetMember(path, trust_checkpoint=trust, **options)
         member.framework = framework  # U-Mamba folders are nnU-Net v2 folders; record what the manifest says
         return member
     if framework in ("torchscript", "monai"):
         from .members.torchscript import build_member
 
-        trust = any(path == t or t in path.parents for t in trusted)  # --trust-checkpoint: the file or a folder
         return build_member(framework, path, options, trust)
     from .members.mednext import MedNeXtMember
 
-    return MedNeXtMember(path, **options)
+    return MedNeXtMember(path, trust_checkpoint=trust, **options)
 
 
 def load_model_set(path: str | Path, cache_dir: Path | None = None, *,
@@ -431,11 +444,12 @@ def load_model_set(path: str | Path, cache_dir: Path | None = None, *,
 
     Relative member paths are relative to the manifest's folder. A member whose ``path`` does not exist but that
     has a ``url`` is downloaded into ``cache_dir`` (see :mod:`BraTSEnsembleLib.downloads`). ``trusted_checkpoints``
-    (folders) allow full unpickling of nnU-Net checkpoints under them, as ``--trust-checkpoint`` does; a manifest
-    cannot grant that itself. Every problem raises ModelError naming the manifest, the member and the fix.
+    (files, or folders: every file under them) allow full unpickling of those checkpoints and running those
+    TorchScript files, as ``--trust-checkpoint`` does (:mod:`BraTSEnsembleLib.trust`); a manifest cannot grant that
+    itself. Every problem raises ModelError naming the manifest, the member and the fix.
     """
     manifest = Path(path).expanduser().resolve()
-    data, digest = _read_manifest(manifest)
+    data, digest = read_manifest(manifest)
     return model_set_from_manifest(data, manifest, manifest.parent, cache_dir=cache_dir,
                                    trusted_checkpoints=trusted_checkpoints, digest=digest)
 
@@ -456,11 +470,16 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
         raise check.fail(None, f"unknown key(s) {', '.join(map(repr, unknown))}",
                          f"Remove them; a manifest has only {', '.join(sorted(_TOP_KEYS))}.")
     name = data.get("name", manifest.stem)
-    if not isinstance(name, str) or not name.strip():
-        raise check.fail(None, f"name must be a non-empty string, got {json.dumps(name)}", "Give the set a name.")
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
+        got = f"{len(name)} characters" if isinstance(name, str) and name.strip() else json.dumps(name)[:80]
+        raise check.fail(None, f"name must be a non-empty string of at most {MAX_NAME_CHARS} characters, got {got}",
+                         "Give the set a short name.")
     description = data.get("description")
     if description is not None and not isinstance(description, str):
         raise check.fail(None, "description must be a string", "Write the description as one JSON string.")
+    if description is not None and len(description) > MAX_DESCRIPTION_CHARS:
+        raise check.fail(None, f"description has {len(description)} characters, more than the "
+                         f"{MAX_DESCRIPTION_CHARS} copied into every result", "Shorten it (or link to a document).")
     postprocess = data.get("postprocess")  # None: the default of the members' label set, once they are read
     if isinstance(postprocess, list) and all(isinstance(p, str) for p in postprocess):
         postprocess = ",".join(postprocess) or "none"
@@ -494,7 +513,7 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
         raise check.fail(None, "\"members\" must be a non-empty list",
                          'List the models: "members": [{"framework": "nnunetv2", "path": "…"}, …].')
 
-    trusted = {Path(p).expanduser().resolve() for p in trusted_checkpoints}
+    trust = TrustedFiles(trusted_checkpoints)  # exact: the files named, or the files under a folder named
     members: list[Member] = []
     weights: list[float] = []
     class_weights: list[dict[int, float]] = []
@@ -521,9 +540,10 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
                    "labels from their dataset.json); remove them" if only_mednext else
                    f"Remove them; a member has only {', '.join(sorted(allowed))}")
             raise check.fail(where, f"unknown key(s) {', '.join(map(repr, unknown))}", fix + ".")
-        if "name" in raw and (not isinstance(raw["name"], str) or not raw["name"].strip()):
-            raise check.fail(where, f"name must be a non-empty string, got {json.dumps(raw['name'])}",
-                             "Give the member a short name, or leave the key out.")
+        if "name" in raw and (not isinstance(raw["name"], str) or not raw["name"].strip()
+                              or len(raw["name"]) > MAX_NAME_CHARS):
+            raise check.fail(where, f"name must be a non-empty string of at most {MAX_NAME_CHARS} characters, got "
+                             f"{json.dumps(raw['name'])[:80]}", "Give the member a short name, or leave the key out.")
         if not isinstance(raw.get("path"), str) or not raw["path"].strip():
             raise check.fail(where, "no path" if "path" not in raw else "path must be a non-empty string",
                              "Add \"path\": the model's results folder (Trainer__Plans__configuration), relative "
@@ -537,6 +557,14 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
         if "sha256" in raw and not _SHA256_RE.match(raw["sha256"].strip()):
             raise check.fail(where, f"sha256 {raw['sha256']!r} is not a SHA-256 digest (64 hex digits)",
                              "Compute it with `sha256sum ARCHIVE`.")
+        if "archive_size" in raw:
+            size = raw["archive_size"]
+            if "url" not in raw:
+                raise check.fail(where, "has an archive_size but no url", "\"archive_size\" is the byte size of "
+                                 "the archive at \"url\"; remove it or add the url.")
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                raise check.fail(where, f"archive_size must be the archive's size in bytes (a positive integer), got "
+                                 f"{json.dumps(size)}", "Write the output of `stat -c %s ARCHIVE` (or `wc -c`).")
         weight = check.number(raw.get("weight", 1.0), where, "weight",
                               f"Weights are relative; give a number between {WEIGHT_RANGE[0]:g} and "
                               f"{WEIGHT_RANGE[1]:g} (1 = the default).", bounds=WEIGHT_RANGE)
@@ -547,7 +575,7 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
     for index, (raw, where, framework, weight, factors, options) in enumerate(validated):
         model_dir = _resolve_path(check, raw, where, base_dir, cache_dir)
         try:
-            member = _build_member(framework, model_dir, options, trusted)
+            member = _build_member(framework, model_dir, options, trust)
         except ModelError as exc:
             if str(exc).startswith(str(manifest)):
                 raise
@@ -561,7 +589,7 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
         members.append(member)
         weights.append(weight)
         class_weights.append(factors)
-        sources.append({k: raw[k] for k in ("url", "sha256") if k in raw})
+        sources.append({k: raw[k] for k in ("url", "sha256", "archive_size") if k in raw})
     try:
         if steps is None:
             steps = parse_steps(default_postprocess(members))

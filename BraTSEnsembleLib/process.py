@@ -84,6 +84,7 @@ def build_predict_command(
     overwrite: bool = True,
     progress: bool = True,
     save_uncertainty: bool = False,
+    trust: Sequence[str | Path] = (),
 ) -> list[str]:
     """The ``brats-ensemble predict`` argument list.
 
@@ -91,7 +92,8 @@ def build_predict_command(
     otherwise the ``brats-ensemble`` console script. ``postprocess`` None/'default' and ``folds`` None leave the
     CLI's defaults. A single ``.json`` entry is a model-set manifest (``--model-set``): the manifest then decides
     weights, folds, checkpoint, mirroring, tile step and postprocessing, so those options are not passed.
-    ``save_uncertainty`` adds ``--save-uncertainty`` (the maps :func:`uncertainty_map_path` names).
+    ``save_uncertainty`` adds ``--save-uncertainty`` (the maps :func:`uncertainty_map_path` names). ``trust`` adds
+    ``--trust-checkpoint FILE`` for each file the user confirmed (e.g. a TorchScript file of the model list).
     Raises ValueError for values the CLI would refuse.
     """
     model_list = [models] if isinstance(models, (str, Path)) else list(models)
@@ -115,7 +117,7 @@ def build_predict_command(
                              "results folders only")
         if weights:
             raise ValueError("weights of a model-set manifest are set in the manifest, not in the panel")
-        return (args + ["--model-set", manifests[0], "--device", device]
+        return (args + ["--model-set", manifests[0], "--device", device] + _trust_args(trust)
                 + _output_options(progress, overwrite, save_uncertainty))
     for model in model_list:
         args += ["--model", model]
@@ -133,7 +135,12 @@ def build_predict_command(
         args.append("--no-mirroring")
     if tile_step is not None:
         args += ["--tile-step", f"{float(tile_step):g}"]
-    return args + _output_options(progress, overwrite, save_uncertainty)
+    return args + _trust_args(trust) + _output_options(progress, overwrite, save_uncertainty)
+
+
+def _trust_args(trust: Sequence[str | Path]) -> list[str]:
+    """``--trust-checkpoint FILE`` for each file the user trusts (see :mod:`BraTSEnsembleLib.trust`)."""
+    return [item for path in trust for item in ("--trust-checkpoint", str(path))]
 
 
 def _output_options(progress: bool, overwrite: bool, save_uncertainty: bool = False) -> list[str]:

@@ -154,7 +154,7 @@ def test_torchscript_softmax_member_equals_monai_sliding_window_on_the_case_grid
     network = tiny_net(1)
     path = save_torchscript(network, tmp_path / "models" / "tiny.ts")
     entry = torchscript_entry(path, overlap=0.5, mode="gaussian", mirroring=True)
-    member = one_member(tmp_path, entry)
+    member = one_member(tmp_path, entry, trusted_checkpoints=[path])  # TorchScript runs only when trusted
     assert isinstance(member, TorchScriptMember) and member.space == LABEL_SPACE
     assert member.labels == (BACKGROUND, ET, NETC, SNFH) and member.roles == ROLES
     case = make_case()
@@ -169,7 +169,8 @@ def test_torchscript_softmax_member_equals_monai_sliding_window_on_the_case_grid
     assert probabilities.array.std(axis=(1, 2, 3)).min() > 1e-3  # a real, varying prediction
     assert any("sliding window" in s for s in steps)
     # the axis order matters for this network: reading the case as z, y, x gives another result
-    other = one_member(tmp_path, {**entry, "axis_order": "zyx"}).predict(case, torch.device("cpu"))
+    other = one_member(tmp_path, {**entry, "axis_order": "zyx"}, trusted_checkpoints=[path]).predict(
+        case, torch.device("cpu"))
     assert np.abs(other.array - probabilities.array).max() > 1e-3
     described = member.describe()
     assert described["framework"] == "torchscript" and described["mirroring"] is True
@@ -312,7 +313,7 @@ def test_network_that_does_not_fit_the_declared_channels_is_refused_naming_manif
         tmp_path: Path) -> None:
     case = make_case()
     five_outputs = save_torchscript(tiny_net(2, n_out=5), tmp_path / "five.ts")
-    member = one_member(tmp_path, torchscript_entry(five_outputs))
+    member = one_member(tmp_path, torchscript_entry(five_outputs), trusted_checkpoints=[five_outputs])
     with pytest.raises(ModelError) as raised:
         member.predict(case, torch.device("cpu"))
     message = str(raised.value)
@@ -320,13 +321,13 @@ def test_network_that_does_not_fit_the_declared_channels_is_refused_naming_manif
     assert "returns shape (1, 5, 16, 16, 16)" in message and "declares 4 output channel(s)" in message
     assert "Fix class_labels/regions" in message
     three_inputs = save_torchscript(tiny_net(2, n_in=3), tmp_path / "three.ts")
-    member = one_member(tmp_path, torchscript_entry(three_inputs))
+    member = one_member(tmp_path, torchscript_entry(three_inputs), trusted_checkpoints=[three_inputs])
     with pytest.raises(ModelError, match=r"member 1 \('ts'\): .*three\.ts: the network failed on windows of shape "
                                          r"\(1, 4, 16, 16, 16\) .*Check that channel_roles lists its 4 input"):
         member.predict(case, torch.device("cpu"))
     state_dict_file = tmp_path / "weights.pt"
     torch.save(tiny_net(2).state_dict(), state_dict_file)
-    member = one_member(tmp_path, torchscript_entry(state_dict_file))
+    member = one_member(tmp_path, torchscript_entry(state_dict_file), trusted_checkpoints=[state_dict_file])
     with pytest.raises(ModelError, match=r"weights\.pt: not a TorchScript file .*framework \"monai\""):
         member.predict(case, torch.device("cpu"))
 
@@ -352,9 +353,9 @@ def test_out_of_memory_retries_with_results_on_the_cpu_and_says_so(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     path = save_torchscript(tiny_net(4), tmp_path / "tiny.ts")
     case = make_case()
-    plain = one_member(tmp_path, torchscript_entry(path)).predict(case, torch.device("cpu"))
+    plain = one_member(tmp_path, torchscript_entry(path), trusted_checkpoints=[path]).predict(case, torch.device("cpu"))
 
-    member = one_member(tmp_path, torchscript_entry(path))
+    member = one_member(tmp_path, torchscript_entry(path), trusted_checkpoints=[path])
     wrappers: list[OutOfMemoryFirst] = []
     load = member.load_network
 
@@ -379,7 +380,7 @@ def test_out_of_memory_retries_with_results_on_the_cpu_and_says_so(tmp_path: Pat
     assert wrappers[0].calls > 2  # the network kept running after the failed first call
     assert any("CUDA out of memory" in s and "results on the CPU" in s for s in steps), steps
 
-    member = one_member(tmp_path, torchscript_entry(path))
+    member = one_member(tmp_path, torchscript_entry(path), trusted_checkpoints=[path])
     monkeypatch.setattr(member, "load_network", lambda device: OutOfMemoryFirst(load(device), times=10**6))
     with pytest.warns(RuntimeWarning), pytest.raises(DeviceError, match="even with the results on the CPU.*--device cpu"):
         member.predict(case, torch.device("cpu"))
@@ -418,7 +419,7 @@ def test_four_framework_manifest_through_the_cli_equals_the_class_weighted_mean(
     out = tmp_path / "out"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread there as here: the same float32 summation order
     done = brats_ensemble("predict", str(case_dir), "-o", str(out), "--model-set", str(manifest), "--device", "cpu",
-                          "--progress", "none", "--save-uncertainty")
+                          "--progress", "none", "--save-uncertainty", "--trust-checkpoint", str(ts_path))
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / f"{case_dir.name}.json").read_text())
     recorded = summary["members"]
@@ -427,8 +428,9 @@ def test_four_framework_manifest_through_the_cli_equals_the_class_weighted_mean(
     assert [m["weight"] for m in recorded] == [1.0, 0.5, 0.5, 0.75]
     assert recorded[3]["class_weights"] == {"background": 0.5, "NETC": 1.5, "SNFH": 1.0, "ET": 1.0}
     assert summary["fusion"] == "class-weighted-mean"
+    assert summary["trusted_files"] == [str(ts_path.resolve())] == recorded[3]["trusted_files"]  # ran as trusted
 
-    model_set = load_model_set(manifest)
+    model_set = load_model_set(manifest, trusted_checkpoints=[ts_path])
     case = read_case_folder(case_dir)
     labels = (BACKGROUND, NETC, SNFH, ET)
     numerator = np.zeros((4, *case.shape_zyx))

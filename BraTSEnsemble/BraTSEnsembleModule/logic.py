@@ -223,7 +223,7 @@ class SegmentationLogic:
 
     def startSegmentation(self, volumesByRole, modelSet, device="auto", postprocess=None, folds=None,
                           checkpoint=None, mirroring=True, tile_step=None, include_derived=False, weights=None,
-                          save_uncertainty=False):
+                          save_uncertainty=False, trust=()):
         """Export the volumes to a temporary case folder and start ``brats-ensemble predict`` (non-blocking).
 
         Returns a :class:`SegmentationRun`; poll ``run.process`` and call :meth:`finishSegmentation`.
@@ -248,7 +248,7 @@ class SegmentationLogic:
             args = process.build_predict_command(
                 caseDir, outDir, models, python=process.python_executable(), weights=weights, device=device,
                 postprocess=postprocess, folds=folds, checkpoint=checkpoint, mirroring=mirroring,
-                tile_step=tile_step, overwrite=True, progress=True, save_uncertainty=save_uncertainty)
+                tile_step=tile_step, overwrite=True, progress=True, save_uncertainty=save_uncertainty, trust=trust)
             env = process.cli_environment(self._cliBaseEnvironment(), libraryParentDirectory())
             logging.info("BraTSEnsemble: running %s", " ".join(args))
             cliProcess = process.CliProcess(args, env=env, cwd=libraryParentDirectory())
@@ -461,7 +461,8 @@ class SegmentationLogic:
 
         ``volumes_by_role``: {'t1n': node, 't1c': node, 't2w': node, 't2f': node}. ``model_set``: manifest path,
         results folder, or a list of them. Options: postprocess, folds, checkpoint, mirroring, tile_step,
-        include_derived, weights, save_uncertainty, outputSegmentation, outputTable. With save_uncertainty=True the
+        include_derived, weights, save_uncertainty, trust (files to trust, as --trust-checkpoint), outputSegmentation,
+        outputTable. With save_uncertainty=True the
         uncertainty heat-map volume is referenced from the segmentation node (node reference role
         'BraTSEnsemble.Uncertainty').
         """

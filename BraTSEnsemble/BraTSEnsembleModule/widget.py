@@ -289,8 +289,13 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not self.logic.ensureDependencies(askConfirmation=True):
                     self.ui.statusLabel.text = _("Dependencies are not installed; nothing was run.")
                     return
+            trust = self._confirmTorchScript(list(pn.modelPaths))
+            if trust is None:
+                self.ui.statusLabel.text = _("The TorchScript files were not trusted; nothing was run.")
+                return
             with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
-                self._run = self.logic.startSegmentation(pn.volumesByRole(), list(pn.modelPaths), **pn.options())
+                self._run = self.logic.startSegmentation(pn.volumesByRole(), list(pn.modelPaths), trust=trust,
+                                                         **pn.options())
             self.ui.progressBar.value = 0
             self.ui.progressBar.setVisible(True)
             self.ui.statusLabel.text = _("Starting...")
@@ -299,6 +304,18 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("BraTSEnsemble: could not start")
         finally:
             self._updateGui()
+
+    def _confirmTorchScript(self, modelPaths):
+        """The TorchScript files of the model list's manifests, once the user trusts them (a TorchScript file is a
+        program: it runs only with --trust-checkpoint FILE); [] when there are none, None when the user declines."""
+        from BraTSEnsembleLib.trust import torchscript_files
+
+        files = [str(f) for m in modelPaths if str(m).lower().endswith(".json") for f in torchscript_files(m)]
+        if files and not slicer.util.confirmYesNoDisplay(
+                _("The model set runs these TorchScript files, which are programs:\n\n{files}\n\nRun them only if you "
+                  "trust their source. Run them?").format(files="\n".join(files)), windowTitle=_("BraTS Ensemble")):
+            return None
+        return files
 
     def onCancel(self) -> None:
         if self._run is None:

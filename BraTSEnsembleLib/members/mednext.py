@@ -38,6 +38,7 @@ from ..checkpoints import load_checkpoint, load_plain_pickle
 from ..errors import InputError, ModelError
 from ..labels import BACKGROUND, ET, LABEL_NAMES, NETC, SNFH
 from ..roles import model_channel_roles
+from ..trust import TrustedFiles
 from .base import Probabilities, StepReporter, with_cpu_results_on_oom
 from .progress import AFTER_WINDOW, TileProgress
 
@@ -227,13 +228,13 @@ def create_mednext(size: str, kernel_size: int, in_channels: int, n_classes: int
 # Reading nnU-Net v1 files without executing code from them
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_v1_checkpoint(path: Path) -> dict[str, Any]:
+def load_v1_checkpoint(path: Path, trusted: bool = False, loaded_trusted: list[Path] | None = None) -> dict[str, Any]:
     """Read an nnU-Net v1 ``.model`` checkpoint safely (see :mod:`BraTSEnsembleLib.checkpoints`) onto the CPU.
 
     v1 checkpoints hold numpy float64 values in ``plot_stuff``/``best_stuff``; exactly the numpy globals needed for
-    those are allowed; any other global is refused with ModelError.
+    those are allowed; any other global is refused with ModelError, unless the user ``trusted`` this file.
     """
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, trusted=trusted, loaded_trusted=loaded_trusted)
     if "state_dict" not in checkpoint:
         raise ModelError(f"{path}: not an nnU-Net v1 checkpoint (no 'state_dict'). Point to the "
                          "fold_N/model_final_checkpoint.model file written by nnU-Net v1 / MedNeXt training.")
@@ -673,8 +674,13 @@ class MedNeXtMember:
     def __init__(self, model_dir: str | Path, folds: list[int] | None = None,
                  checkpoint: str = "model_final_checkpoint", use_mirroring: bool = True, step_size: float = 0.5,
                  channel_roles: tuple[str, ...] | None = None, class_labels: dict[int, int] | None = None, *,
-                 size: str | None = None, kernel_size: int | None = None, name: str | None = None) -> None:
+                 size: str | None = None, kernel_size: int | None = None, name: str | None = None,
+                 trust_checkpoint: "bool | TrustedFiles" = False) -> None:
         self.model_dir = Path(model_dir)
+        #: the files the user trusts (--trust-checkpoint): plans.pkl, .model.pkl and each fold's .model on its own
+        self.trust = TrustedFiles.of(trust_checkpoint)
+        #: files that needed (and got) full unpickling because the user trusted them
+        self.trusted_files: list[Path] = []
         if not self.model_dir.is_dir():
             raise ModelError(f"{self.model_dir}: model folder not found. Point to the '<trainer>__<plans>' folder "
                              "of a MedNeXt model (it holds plans.pkl and fold_N/).")
@@ -684,7 +690,7 @@ class MedNeXtMember:
                              "itself (not its parent or a fold_N folder), as written by nnU-Net v1 training.")
         if not 0 < step_size <= 1:
             raise ValueError(f"step_size must be in (0, 1], got {step_size}")
-        self.plans: dict[str, Any] = load_plain_pickle(self.plans_path)
+        self.plans: dict[str, Any] = self._read_pickle(self.plans_path)
         if not isinstance(self.plans, Mapping) or "plans_per_stage" not in self.plans:
             raise ModelError(f"{self.plans_path}: not nnU-Net v1 plans (no 'plans_per_stage').")
         self.checkpoint = checkpoint
@@ -693,7 +699,7 @@ class MedNeXtMember:
         self.checkpoints = find_fold_checkpoints(self.model_dir, folds, checkpoint)
         first = next(iter(self.checkpoints.values()))
         info_path = first.with_name(first.name + ".pkl")
-        self.model_info = load_plain_pickle(info_path) if info_path.is_file() else None
+        self.model_info = self._read_pickle(info_path) if info_path.is_file() else None
 
         self.trainer, self.plans_identifier = split_model_folder_name(self.model_dir)
         self.size, self.kernel_size = self._architecture(size, kernel_size)
@@ -710,6 +716,9 @@ class MedNeXtMember:
         mapping = class_labels if class_labels is not None else default_class_labels(self.plans, self.plans_path)
         self._labels = validate_class_labels(mapping, self.n_outputs, self.plans_path)
         self.name = name or f"MedNeXt-{self.size}-k{self.kernel_size} ({self.model_dir.name})"
+
+    def _read_pickle(self, path: Path) -> Any:
+        return load_plain_pickle(path, trusted=self.trust.covers(path), loaded_trusted=self.trusted_files)
 
     def _architecture(self, size: str | None, kernel_size: int | None) -> tuple[str, int]:
         parsed = parse_mednext_trainer(self.trainer)
@@ -750,7 +759,7 @@ class MedNeXtMember:
         Raises ModelError naming the checkpoint when its weights do not fit the architecture.
         """
         path = self.checkpoints[str(fold)]
-        state = strip_module_prefix(load_v1_checkpoint(path)["state_dict"])
+        state = strip_module_prefix(load_v1_checkpoint(path, self.trust.covers(path), self.trusted_files)["state_dict"])
         deep_supervision = any(k.startswith("out_1.") for k in state)
         network = create_mednext(self.size, self.kernel_size, self.in_channels, self.n_outputs, deep_supervision,
                                  n_channels=stem_width(state, path))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,11 +32,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..allowlist import check_nnunet_plans
 from ..checkpoints import load_checkpoint
 from ..errors import ModelError
+from ..jsonfiles import MODEL_JSON_MAX_BYTES, read_json_file
 from ..labels import BACKGROUND, class_mapping_from_dataset_labels
 from ..labelsets import label_set_from_dataset_labels
 from ..roles import ensure_roles_available, model_channel_roles
+from ..trust import TrustedFiles
 from .base import LABEL_SPACE, NESTED_REGIONS, REGION_SPACE, REGION_WRITES, Probabilities, StepReporter
 
 CHECKPOINT_NAMES: dict[str, str] = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
@@ -49,10 +51,10 @@ def _read_json(path: Path) -> dict:
             f"{path.parent}: no {path.name}. An nnU-Net v2 results folder (Trainer__Plans__configuration) holds "
             "dataset.json, plans.json and fold_N/checkpoint_final.pth; point --model at that folder."
         )
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc})") from exc
+    data, _ = read_json_file(path, path.name, MODEL_JSON_MAX_BYTES)
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: must be a JSON object, as nnU-Net writes it")
+    return data
 
 
 # Region names of region-based datasets → canonical BraTS region; first match wins (TC before ET: "core").
@@ -129,12 +131,13 @@ class NnUNetMember:
 
     def __init__(self, model_dir: str | Path, folds: Sequence[str | int] | None = None, checkpoint: str = "final",
                  use_mirroring: bool = True, tile_step_size: float = 0.5, name: str | None = None,
-                 trust_checkpoint: bool = False) -> None:
+                 trust_checkpoint: "bool | TrustedFiles" = False) -> None:
         self.model_dir = Path(model_dir).expanduser().resolve()
         if not self.model_dir.is_dir():
             raise ModelError(f"{model_dir}: model folder not found")
         self.dataset_json = _read_json(self.model_dir / "dataset.json")
         self.plans = _read_json(self.model_dir / "plans.json")
+        check_nnunet_plans(self.plans, self.model_dir / "plans.json")  # before nnU-Net imports anything it names
         self.checkpoint_name = checkpoint_file_name(checkpoint)
         self.folds = [str(f) for f in folds] if folds else available_folds(self.model_dir, self.checkpoint_name)
         if not self.folds:
@@ -151,7 +154,10 @@ class NnUNetMember:
                                  "or copy that fold's folder into the model folder.")
         self.use_mirroring = use_mirroring
         self.tile_step_size = tile_step_size
-        self.trust_checkpoint = trust_checkpoint
+        #: the files the user trusts (--trust-checkpoint); each fold's checkpoint is asked about on its own
+        self.trust = TrustedFiles.of(trust_checkpoint)
+        #: checkpoints that needed (and got) full unpickling because the user trusted them
+        self.trusted_files: list[Path] = []
         self.name = name or self.model_dir.name
         self._roles = model_channel_roles(self.dataset_json.get("channel_names") or self.dataset_json.get("modality", {}),
                                           str(self.model_dir / "dataset.json"))
@@ -229,7 +235,7 @@ class NnUNetMember:
         weights, first = [], None
         for fold in self.folds:
             path = self.model_dir / f"fold_{fold}" / self.checkpoint_name
-            checkpoint = load_checkpoint(path, trusted=self.trust_checkpoint)
+            checkpoint = load_checkpoint(path, trusted=self.trust.covers(path), loaded_trusted=self.trusted_files)
             missing = [k for k in ("network_weights", "init_args", "trainer_name") if k not in checkpoint]
             if missing:
                 raise ModelError(f"{path}: not an nnU-Net v2 checkpoint (missing {', '.join(missing)})")
@@ -260,6 +266,24 @@ class NnUNetMember:
         except (ImportError, TypeError, KeyError) as exc:
             raise ModelError(f"{self.model_dir / 'plans.json'}: cannot build the network it describes ({exc})") from exc
 
+    def _refuse_network_larger_than_weights(self, build: tuple, state: dict, checkpoint: Path) -> None:
+        """A plans.json can ask for any width: before the network is allocated, build it on the meta device (no
+        memory) and refuse it when it needs more values than the checkpoint holds (they do not belong together)."""
+        try:
+            with torch.device("meta"):
+                sized = self._build_network(*build)
+        except ModelError:
+            raise
+        except Exception:  # noqa: BLE001 - not buildable without memory: the real build below reports problems
+            return
+        needed = sum(t.numel() for t in sized.state_dict().values())
+        held = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+        if needed > held:
+            raise ModelError(f"{checkpoint}: its weights do not fit the network that plans.json describes (that "
+                             f"network needs {needed} values, the checkpoint holds {held}; it was not built). The "
+                             "checkpoint and plans.json must come from the same training; copy plans.json from the "
+                             "results folder the checkpoint was trained in.")
+
     def _initialise(self, device: torch.device) -> Any:
         """Build nnU-Net's predictor around our network, once; later calls only move it to ``device``."""
         if self._predictor is not None:
@@ -284,8 +308,11 @@ class NnUNetMember:
             raise ModelError(f"{self.model_dir}: plans expect {num_inputs} input channels, dataset.json names "
                              f"{len(self.roles)}")
         label_manager = plans_manager.get_label_manager(self.dataset_json)
-        network = self._build_network(checkpoint["trainer_name"], configuration_manager, num_inputs,
-                                      label_manager.num_segmentation_heads, configuration)
+        build = (checkpoint["trainer_name"], configuration_manager, num_inputs, label_manager.num_segmentation_heads,
+                 configuration)
+        self._refuse_network_larger_than_weights(build, weights[0],
+                                                 self.model_dir / f"fold_{self.folds[0]}" / self.checkpoint_name)
+        network = self._build_network(*build)
         for fold, state in zip(self.folds, weights):
             try:
                 network.load_state_dict(state)

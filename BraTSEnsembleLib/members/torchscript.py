@@ -5,15 +5,19 @@ Two file formats, named by the manifest's ``framework``:
 * ``"torchscript"`` — a TorchScript archive written by ``torch.jit.save(torch.jit.script(network), path)`` (or of
   ``torch.jit.trace``), e.g. the ``models/model.ts`` of a MONAI bundle. It is read with
   ``torch.jit.load(path, map_location=device)``. A TorchScript file is a program of torch operators (no Python code
-  runs from it), but it is still code: use files from sources you trust.
+  runs from it), but it is still code (``torch.from_file(…, shared=True)`` writes files, for one): it runs only
+  when the user trusts that file (``--trust-checkpoint FILE``, or the Slicer module's question), never because a
+  manifest names it; otherwise the member is refused when it is built (:mod:`BraTSEnsembleLib.trust`).
 * ``"monai"`` — a **state-dict checkpoint** written by ``torch.save(network.state_dict(), path)``, e.g. the
   ``models/model.pt`` of a MONAI bundle, or a dictionary holding such a state dict under one of the keys
   ``state_dict``, ``model``, ``network``, ``net``, ``network_weights``, ``model_state_dict``. It is read with
   ``torch.load(weights_only=True)`` (:func:`BraTSEnsembleLib.checkpoints.load_checkpoint`): nothing in the file is
   executed. The network is a class of ``monai.networks.nets`` named in the manifest with its constructor arguments,
   ``{"_target_": "SegResNet", "in_channels": 4, "out_channels": 3, …}`` (``"monai.networks.nets.SegResNet"`` works
-  too); no other import is ever made, and bundle expressions (``"$…"``, ``"@…"``, ``"%…"``) are refused. The
-  weights are loaded strictly (a ``module.`` prefix from DataParallel training is removed).
+  too); no other import is ever made, and bundle expressions (``"$…"``, ``"@…"``, ``"%…"``) are refused, as are
+  arguments that would download or read weights (``pretrained``, ``pretrained_url``, paths, URLs: see
+  :func:`BraTSEnsembleLib.allowlist.refuse_file_arguments`). The weights are loaded strictly (a ``module.`` prefix
+  from DataParallel training is removed).
 
 ``path`` is the file itself, or a folder holding exactly one ``.ts``/``.pt``/``.pth``/``.ckpt`` file (what a
 downloaded archive extracts to).
@@ -67,11 +71,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..allowlist import refuse_file_arguments
 from ..checkpoints import load_checkpoint
 from ..errors import InputError, ModelError
 from ..labels import BACKGROUND, LABEL_NAMES
 from ..limits import OVERLAP_RANGE, SPACING_RANGE_MM, is_real_number
 from ..roles import channel_role, ensure_roles_available
+from ..trust import TrustedFiles, trust_advice
 from .base import (LABEL_SPACE, NESTED_REGIONS, REGION_SPACE, REGION_WRITES, Probabilities, StepReporter,
                    with_cpu_results_on_oom)
 from .progress import AFTER_WINDOW, TileProgress, monai_window_count
@@ -205,6 +211,7 @@ def check_network_spec(spec: Mapping[str, Any], n_inputs: int, n_outputs: int) -
         signature.bind(**kwargs)
     except TypeError as exc:
         raise ValueError(f"{cls.__name__} does not take these arguments ({exc})") from exc
+    refuse_file_arguments(cls, kwargs)
     for key, expected, what in (("in_channels", n_inputs, "channel_roles names"),
                                 ("out_channels", n_outputs, "the manifest declares")):
         parameter = signature.parameters.get(key)
@@ -490,8 +497,13 @@ class SlidingWindowMember:
                  roi_size: Sequence[int], normalization: str, class_labels: Mapping[int, int] | None = None,
                  regions: Sequence[str] | None = None, overlap: float = 0.25, sw_batch_size: int = 1,
                  mode: str = "constant", target_spacing: Sequence[float] | None = None, axis_order: str = "xyz",
-                 use_mirroring: bool = False, name: str | None = None, origin: str | None = None) -> None:
+                 use_mirroring: bool = False, name: str | None = None, origin: str | None = None,
+                 trust_checkpoint: "bool | TrustedFiles" = False) -> None:
         self.path = find_model_file(Path(path).expanduser().resolve())
+        #: whether the user trusts the member's file (--trust-checkpoint FILE or a folder above it)
+        self.trusted = TrustedFiles.of(trust_checkpoint).covers(self.path)
+        #: files that were loaded trusted (run as TorchScript, or fully unpickled)
+        self.trusted_files: list[Path] = []
         #: prefix of error messages: where the member was declared (manifest and member) and its file
         self.where = f"{origin}: {self.path}" if origin else str(self.path)
         self.name = name or self.path.stem
@@ -587,11 +599,22 @@ class SlidingWindowMember:
 
 
 class TorchScriptMember(SlidingWindowMember):
-    """A TorchScript file (``torch.jit.save``) as an ensemble member."""
+    """A TorchScript file (``torch.jit.save``) as an ensemble member; refused unless the user trusts the file."""
 
     framework = "torchscript"
 
+    def __init__(self, path: str | Path, *args: Any, **options: Any) -> None:
+        super().__init__(path, *args, **options)
+        if not self.trusted:
+            raise ModelError(f"{self.where}: a TorchScript file is a program, and it runs only if you trust this "
+                             f"file. {trust_advice(self.path)} Otherwise use a state-dict checkpoint with framework "
+                             "\"monai\" and a \"network\", which is loaded without running code.")
+
     def load_network(self, device: torch.device) -> Callable[[torch.Tensor], Any]:
+        if not self.trusted:  # pragma: no cover - refused in __init__
+            raise ModelError(f"{self.where}: not trusted. {trust_advice(self.path)}")
+        if self.path not in self.trusted_files:
+            self.trusted_files.append(self.path)
         try:
             network = torch.jit.load(str(self.path), map_location=device)
         except (RuntimeError, ValueError) as exc:
@@ -626,10 +649,11 @@ class MonaiNetworkMember(SlidingWindowMember):
     framework = "monai"
 
     def __init__(self, path: str | Path, network: Mapping[str, Any], channel_roles: Sequence[str], activation: str,
-                 roi_size: Sequence[int], normalization: str, trust_checkpoint: bool = False, **options: Any) -> None:
-        super().__init__(path, channel_roles, activation, roi_size, normalization, **options)
-        #: full unpickling of the checkpoint (only by --trust-checkpoint, never by a manifest)
-        self.trust_checkpoint = trust_checkpoint
+                 roi_size: Sequence[int], normalization: str, trust_checkpoint: "bool | TrustedFiles" = False,
+                 **options: Any) -> None:
+        # full unpickling of the checkpoint only by --trust-checkpoint, never by a manifest
+        super().__init__(path, channel_roles, activation, roi_size, normalization, trust_checkpoint=trust_checkpoint,
+                         **options)
         try:
             self.network_class, self.network_kwargs = check_network_spec(network, len(self.roles),
                                                                          len(self.channels))
@@ -684,7 +708,8 @@ class MonaiNetworkMember(SlidingWindowMember):
                              "with.") from exc
 
     def load_network(self, device: torch.device) -> Callable[[torch.Tensor], Any]:
-        state = state_dict_from_checkpoint(load_checkpoint(self.path, trusted=self.trust_checkpoint), self.where)
+        checkpoint = load_checkpoint(self.path, trusted=self.trusted, loaded_trusted=self.trusted_files)
+        state = state_dict_from_checkpoint(checkpoint, self.where)
         network = self._build()
         try:
             network.load_state_dict(state, strict=True)
@@ -698,11 +723,13 @@ class MonaiNetworkMember(SlidingWindowMember):
         return {**super().describe(), "network": self.network_spec}
 
 
-def build_member(framework: str, path: Path, options: Mapping[str, Any], trust: bool = False) -> SlidingWindowMember:
-    """The member of ``framework`` (``"torchscript"`` or ``"monai"``) from :func:`manifest_options`' arguments;
-    ``trust`` allows full unpickling of a ``monai`` checkpoint (``--trust-checkpoint``)."""
+def build_member(framework: str, path: Path, options: Mapping[str, Any],
+                 trust: "bool | TrustedFiles" = False) -> SlidingWindowMember:
+    """The member of ``framework`` (``"torchscript"`` or ``"monai"``) from :func:`manifest_options`' arguments.
+    ``trust`` (the user's ``--trust-checkpoint`` paths) allows running a TorchScript file, or full unpickling of a
+    ``monai`` checkpoint, when it covers the member's file."""
     if framework == "monai":
         return MonaiNetworkMember(path, trust_checkpoint=trust, **options)
     if framework == "torchscript":
-        return TorchScriptMember(path, **{k: v for k, v in options.items() if k != "network"})
+        return TorchScriptMember(path, trust_checkpoint=trust, **{k: v for k, v in options.items() if k != "network"})
     raise ValueError(f"unknown framework {framework!r}; expected one of {', '.join(FRAMEWORKS)}")
