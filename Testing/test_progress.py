@@ -83,7 +83,8 @@ def test_every_member_reports_its_tiles(tmp_path: Path) -> None:
     manifest = tmp_path / "set.json"
     manifest.write_text(json.dumps({"name": "progress-set", "postprocess": "none", "members": members}))
     out = tmp_path / "out"
-    done = cli("predict", case_dir, "-o", out, "--model-set", manifest, "--device", "cpu", "--progress", "json")
+    done = cli("predict", case_dir, "-o", out, "--model-set", manifest, "--device", "cpu", "--progress", "json",
+               "--trust-checkpoint", members[-1]["path"])
     events = [json.loads(line) for line in done.stdout.splitlines()]
     steps = member_steps(events)
     n = len(members)
@@ -111,7 +112,8 @@ def test_bar_moves_inside_a_member_and_keeps_the_tile_count_visible(tmp_path: Pa
     manifest.write_text(json.dumps({"name": "bar-set", "postprocess": "none",
                                     "members": [torchscript_member(tmp_path / "ts", roi_size=[16, 16, 16])]}))
     done = cli("predict", case_dir, "-o", tmp_path / "out", "--model-set", manifest, "--device", "cpu",
-               "--progress", "bar", env={**os.environ, "COLUMNS": "80"})
+               "--progress", "bar", "--trust-checkpoint", tmp_path / "ts" / "tiny.ts",
+               env={**os.environ, "COLUMNS": "80"})
     lines = [line.rstrip() for line in re.split(r"[\r\n]", done.stderr) if "%|" in line]
     assert lines and all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
     tile_lines = [line for line in lines if re.search(r"tile \d+/36: +\d+%", line)]
