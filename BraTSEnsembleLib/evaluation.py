@@ -326,8 +326,10 @@ def read_label_map(path: Path, convention: str, protocol: str, task: str):
         M.check_label_values(array, protocol, task, str(path))
     except ValueError as exc:
         raise InputError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
-    # (z, y, x) → (x, y, z), the index order of the official (nibabel) scripts, with spacing (x, y, z)
-    return image, array.transpose(2, 1, 0), tuple(image.GetSpacing())
+    # (z, y, x) → (x, y, z), the index order of the official (nibabel) scripts, with spacing (x, y, z); copied once
+    # into that order (every mask and component labelling below would otherwise copy the strided view again), as
+    # uint8 (the values were checked: 0–4)
+    return image, np.ascontiguousarray(array.transpose(2, 1, 0), dtype=np.uint8), tuple(image.GetSpacing())
 
 
 def check_geometry(pred_path: Path, pred_img, gt_path: Path, gt_img, tolerance: float = 1e-4) -> None:

@@ -182,11 +182,22 @@ def _format_value(value: float) -> str:
     return f"{value:g}"
 
 
+def _distinct_values(array: np.ndarray) -> np.ndarray:
+    """Sorted distinct values; for integer arrays of a small range by counting (a sort of 40 M voxels takes
+    seconds)."""
+    if array.size and (array.dtype.kind in "ui" or array.dtype == bool):
+        low, high = int(array.min()), int(array.max())
+        if high - low < 1 << 16:
+            shifted = array.ravel() if low == 0 else array.ravel().astype(np.int64) - low
+            return np.nonzero(np.bincount(shifted, minlength=high - low + 1))[0] + low
+    return np.unique(array)
+
+
 def check_label_values(array: np.ndarray, protocol: str, task: str = "GLI", name: str = "label map") -> None:
     """Raise ValueError naming ``name`` and the first offending values (at most :data:`MAX_VALUES_SHOWN`, and how
     many more) when ``array`` holds labels outside the set of ``protocol``'s ``task``."""
     allowed = allowed_labels(protocol, task)
-    present = np.unique(array)
+    present = _distinct_values(np.asarray(array))
     bad = present[~np.isin(present, allowed)]
     if bad.size == 0:
         return
@@ -676,8 +687,10 @@ def _match_2025(ref_inst: np.ndarray, pred_inst: np.ndarray, spacing: tuple[floa
     cost = np.full((n_ref, n_pred), 1.0 + 1e-6)
     overlap = (ref_inst > 0) & (pred_inst > 0)
     if overlap.any():
-        pairs, inter = np.unique(np.stack([ref_inst[overlap], pred_inst[overlap]]), axis=1, return_counts=True)
-        for (r, p), n in zip(pairs.T.tolist(), inter.tolist()):
+        pair_keys = ref_inst[overlap].astype(np.int64) * (n_pred + 1) + pred_inst[overlap]
+        keys, inter = np.unique(pair_keys, return_counts=True)
+        for key, n in zip(keys.tolist(), inter.tolist()):
+            r, p = divmod(key, n_pred + 1)
             dsc = 2.0 * n / (ref_sizes[r] + pred_sizes[p])
             if dsc >= MATCHING_THRESHOLD_2025:
                 cost[r - 1, p - 1] = 1.0 - dsc
@@ -826,6 +839,7 @@ def lesion_wise_scores(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, f
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or any(not s > 0 for s in spacing):
         raise ValueError(f"spacing must be three positive numbers, not {spacing}")
+    pred, gt = _crop_to_labels(pred, gt)
     check_label_values(pred, protocol, task, "prediction")
     check_label_values(gt, protocol, task, "ground truth")
     if protocol == "brats2023":
@@ -833,6 +847,22 @@ def lesion_wise_scores(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, f
     if protocol == "brats2024":
         return _scores_2024(pred, gt, spacing)
     return _scores_2025(pred, gt, spacing, task)
+
+
+#: Background kept around the labelled voxels by :func:`_crop_to_labels`: more than the largest dilation (5) plus
+#: the one-voxel growth of the touching test, so that no dilation, erosion or surface reaches the crop's edge.
+CROP_MARGIN = 8
+
+
+def _crop_to_labels(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays cropped to the box of their non-zero voxels plus :data:`CROP_MARGIN` (one voxel when both are
+    empty). Every score is unchanged — outside the box both are background, components keep their scan order —
+    while a tumour in a 512×512×176 volume is scored in a fraction of the time and memory."""
+    box = _bbox((pred != 0) | (gt != 0))
+    if box is None:
+        return pred[:1, :1, :1], gt[:1, :1, :1]
+    box = _grow(box, CROP_MARGIN, gt.shape)
+    return np.ascontiguousarray(pred[box]), np.ascontiguousarray(gt[box])
 
 
 #: Lesion counts among the metrics (the rest are scores or volumes).
