@@ -292,6 +292,9 @@ def pair_cases(pred_dir: Path, gt_dir: Path) -> tuple[LabelMaps, LabelMaps]:
     same = pred_dir.exists() and gt_dir.exists() and pred_dir.resolve() == gt_dir.resolve()
     gts = find_label_maps(gt_dir, "ground truth", ("segmentation",) if same else ("segmentation", "plain"))
     preds = find_label_maps(pred_dir, "prediction", ("plain",) if same else ("segmentation", "plain"))
+    if same:  # each side passed over the other's files: not worth a word
+        gts.ignored.pop("other NIfTI file", None)
+        preds.ignored.pop("segmentation of the other folder", None)
     if not gts.files:
         raise InputError(f"{gt_dir}: no ground-truth label map found. Give a folder of {LAYOUT_HINT}.")
     if not preds.files:
@@ -322,7 +325,13 @@ def read_label_map(path: Path, convention: str, protocol: str, task: str):
     array = sitk.GetArrayFromImage(image)
     try:
         if convention == "brats2021":
-            array = _labels.brats2021_to_canonical(array)
+            shown = M.unexpected_values(array, sorted(_labels.BRATS2021_TO_CANONICAL))
+            if shown is not None:
+                raise InputError(f"{path}: label values {shown} are not BraTS 2020/21 labels (allowed: "
+                                 f"{sorted(_labels.BRATS2021_TO_CANONICAL)}). Leave --labels brats2021 out for a "
+                                 "BraTS 2023+ label map (3 = ET); other values mean the file is not a label map (a "
+                                 "probability or intensity image?), so export the labels again.")
+            array = _labels.brats2021_to_canonical(array.astype(np.int64))
         M.check_label_values(array, protocol, task, str(path))
     except ValueError as exc:
         raise InputError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None

@@ -193,16 +193,25 @@ def _distinct_values(array: np.ndarray) -> np.ndarray:
     return np.unique(array)
 
 
+def unexpected_values(array: np.ndarray, allowed: Sequence[int]) -> str | None:
+    """``"[v1, …, v5] and N other values"`` of the values of ``array`` not in ``allowed`` (None when all are):
+    at most :data:`MAX_VALUES_SHOWN` shown, the rest counted."""
+    present = _distinct_values(np.asarray(array))
+    bad = present[~np.isin(present, allowed)]
+    if bad.size == 0:
+        return None
+    shown = ", ".join(_format_value(v) for v in bad[:MAX_VALUES_SHOWN].tolist())
+    more = f" and {bad.size - MAX_VALUES_SHOWN} other values" if bad.size > MAX_VALUES_SHOWN else ""
+    return f"[{shown}]{more}"
+
+
 def check_label_values(array: np.ndarray, protocol: str, task: str = "GLI", name: str = "label map") -> None:
     """Raise ValueError naming ``name`` and the first offending values (at most :data:`MAX_VALUES_SHOWN`, and how
     many more) when ``array`` holds labels outside the set of ``protocol``'s ``task``."""
     allowed = allowed_labels(protocol, task)
-    present = _distinct_values(np.asarray(array))
-    bad = present[~np.isin(present, allowed)]
-    if bad.size == 0:
+    shown = unexpected_values(array, allowed)
+    if shown is None:
         return
-    shown = ", ".join(_format_value(v) for v in bad[:MAX_VALUES_SHOWN].tolist())
-    more = f" and {bad.size - MAX_VALUES_SHOWN} other values" if bad.size > MAX_VALUES_SHOWN else ""
     official = resolve_task(protocol, task)
     if official.glioma_labels:
         fix = ("Give a BraTS label map of whole-number labels: one in the BraTS 2020/21 convention (4 = ET) needs "
@@ -211,7 +220,7 @@ def check_label_values(array: np.ndarray, protocol: str, task: str = "GLI", name
     else:
         fix = (f"Give a label map in task {official.name}'s labels; other values mean the file is not a label map "
                "of this task (another task's, or a probability or intensity image?), so export the labels again.")
-    raise ValueError(f"{name}: label values [{shown}]{more} are not valid for protocol {protocol!r} task "
+    raise ValueError(f"{name}: label values {shown} are not valid for protocol {protocol!r} task "
                      f"{official.name} (allowed: {list(allowed)}). {fix}")
 
 

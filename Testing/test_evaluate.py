@@ -197,8 +197,16 @@ def _only_uncertainty_maps(gt: Path, pred: Path) -> list[str]:
     return [str(pred), "no prediction found"]
 
 
+def _brats2021_labels_asked_for_a_2023_map(gt: Path, pred: Path) -> list[str]:
+    write(gt / "c1-seg.nii.gz", CUBE)  # 3 = ET: a BraTS 2023+ map, which has no 3 in the 2020/21 labels
+    write(pred / "c1.nii.gz", CUBE)
+    return [str(gt / "c1-seg.nii.gz"), "label values [3] are not BraTS 2020/21 labels",
+            "Leave --labels brats2021 out"]
+
+
 @pytest.mark.parametrize("make", [_intensity_image, _two_ground_truths, _predictions_without_ground_truth,
-                                  _two_label_maps_in_a_case_folder, _only_images, _only_uncertainty_maps],
+                                  _two_label_maps_in_a_case_folder, _only_images, _only_uncertainty_maps,
+                                  _brats2021_labels_asked_for_a_2023_map],
                          ids=lambda f: f.__name__.strip("_"))
 def test_refusals_are_one_short_line_naming_the_file_and_the_fix(tmp_path, make):
     """Each refusal: exit 1, one ``error:`` line of at most 600 characters naming the file(s) and the fix, nothing
@@ -208,7 +216,8 @@ def test_refusals_are_one_short_line_naming_the_file_and_the_fix(tmp_path, make)
     gt.mkdir()
     pred.mkdir()
     expected = make(gt, pred)
-    done = evaluate(pred, gt, "-o", out)
+    labels = ["--labels", "brats2021"] if make is _brats2021_labels_asked_for_a_2023_map else []
+    done = evaluate(pred, gt, "-o", out, *labels)
     assert done.returncode == 1
     line = error_line(done)
     assert len(line) <= 600, line
