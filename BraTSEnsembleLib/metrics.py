@@ -141,12 +141,16 @@ TASKS: dict[str, dict[str, Task]] = {
 
 
 def _task_key(name: str) -> str:
-    return name.strip().lower().replace("-", "").replace("_", "")
+    """Lower case without ``-``/``_`` and without a leading ``BraTS`` (the 2023 script's ``BraTS-GLI``, brats-infra's
+    ``BraTS-GoAT``)."""
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    return key[len("brats"):] if key.startswith("brats") and len(key) > len("brats") else key
 
 
 def resolve_task(protocol: str, task: str) -> Task:
-    """The official ``task`` of ``protocol`` (case-insensitive; ``-``/``_`` ignored; the official config names such
-    as ``mets`` accepted). Raises ValueError listing the valid tasks — a typo never falls back to another task."""
+    """The official ``task`` of ``protocol`` (case-insensitive; ``-``/``_`` and a ``BraTS`` prefix ignored; the
+    official config names such as ``mets`` accepted). Raises ValueError listing the valid tasks — a typo never falls
+    back to another task."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     tasks = TASKS[protocol]
