@@ -313,3 +313,27 @@ def test_evaluate_folders_label_checks_and_brats2021(tmp_path):
     _write(pred_dir / "c1.nii.gz", old, spacing=(1.0, 1.0, 2.0))
     with pytest.raises(InputError, match="differ in geometry"):
         E.evaluate_folders(pred_dir, gt_dir, tmp_path / "out2", protocol="brats2023", labels="brats2021")
+
+
+def test_official_task_names():
+    """Tasks are matched without regard to case, ``-``/``_`` or a ``BraTS-`` prefix, and the official config names
+    are accepted (brats-evaluation's ``mets``); anything else is refused with the protocol's list — ``MEN`` is a
+    2023 task, ambiguous in 2025 (MenPre or MenRT)."""
+    assert [M.resolve_task("brats2025", t).name for t in ("mets", "BraTS-GoAT", "men-rt", "MENPRE", "gli")] == [
+        "MET", "GoAT", "MenRT", "MenPre", "GLI"]
+    assert M.resolve_task("brats2023", "BraTS-PED").name == "PED"
+    with pytest.raises(ValueError, match=r"brats2025 has no task 'MEN'; its tasks are GoAT, GLI, MET, PED, MenPre, "
+                                         r"MenRT\."):
+        M.resolve_task("brats2025", "MEN")
+
+
+def test_missing_prediction_met():
+    """brats2025 MET, no prediction: every score 0 and every HD95 373 (``_handle_missing_data``), also in RC, which
+    the ground truth lacks (an empty prediction would give NaN there). Counts: TP/FP 0, FN the ground truth's
+    lesions — ET: L (64 mm³, large) and S (8 mm³, small) → FN 2, large FN 1, small FN 1; RC: 0."""
+    gt = volume((24, 8, 8), (3, 2, 6, 2, 6, 2, 6), (3, 20, 22, 2, 4, 2, 4))
+    scores = M.missing_prediction_scores(gt, SP1, "brats2025", "MET")
+    et, rc = scores["ET"], scores["RC"]
+    assert (et["tp"], et["fp"], et["fn"], et["large_fn"], et["small_fn"]) == (0, 0, 2, 1, 1)
+    assert (et["lesion_dice"], et["lesion_hd95"], et["legacy_hd95"], et["f1"], et["large_f1"]) == (0, 373, 373, 0, 0)
+    assert (rc["fn"], rc["large_fn"], rc["lesion_dice"], rc["lesion_hd95"], rc["small_f1"]) == (0, 0, 0, 373, 0)
