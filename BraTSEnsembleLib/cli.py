@@ -103,15 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("cohort_dir", type=Path, metavar="COHORT_DIR")
     batch.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR")
     _add_model_options(batch)
-    evaluate = sub.add_parser("evaluate", help="score predictions against ground truth (BraTS lesion-wise metrics)")
-    evaluate.add_argument("pred_dir", type=Path, metavar="PRED_DIR", help="folder of <id>.nii.gz predictions")
-    evaluate.add_argument("gt_dir", type=Path, metavar="GT_DIR", help="folder of <id>.nii.gz or <id>-seg.nii.gz")
+    evaluate = sub.add_parser("evaluate", help="score predictions against ground truth (BraTS lesion-wise metrics)",
+                              description="Layouts, protocols and how each number relates to the official BraTS "
+                                          "evaluation code: docs/evaluation.md.")
+    evaluate.add_argument("pred_dir", type=Path, metavar="PRED_DIR",
+                          help="predictions: <id>.nii.gz files (as predict/batch write them) or <id>/<id>.nii.gz")
+    evaluate.add_argument("gt_dir", type=Path, metavar="GT_DIR",
+                          help="ground truth: <id>-seg.nii.gz, <id>_seg.nii.gz or <id>.nii.gz files, or BraTS case "
+                               "folders <id>/<id>-seg.nii.gz or <id>/<id>_seg.nii.gz")
     evaluate.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR")
     evaluate.add_argument("--protocol", choices=("brats2023", "brats2024", "brats2025"), default="brats2023",
                           help="which year's official lesion-wise evaluation to reproduce (default brats2023)")
-    evaluate.add_argument("--task", default="GLI", help="challenge task (GLI, SSA, MEN, PED, MET; default GLI)")
+    evaluate.add_argument("--task", default="GLI",
+                          help="official task, default GLI. brats2023: GLI, SSA, MEN, PED, MET; brats2024: GLI; "
+                               "brats2025: GoAT, GLI, MET, PED, MenPre, MenRT (each with its own regions)")
     evaluate.add_argument("--labels", choices=("canonical", "brats2021"), default="canonical",
                           help="label convention of both folders: BraTS 2023+ (default) or 2020/21 (4 = ET)")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace an earlier evaluation in OUT_DIR (without it, nothing there is touched)")
     register_models_command(sub)
     recipes = sub.add_parser("recipes", help="the published BraTS pipelines shipped as recipes")
     recipes_sub = recipes.add_subparsers(dest="recipes_command", required=True)
@@ -383,20 +392,29 @@ def cmd_batch(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, progress: ProgressPrinter) -> int:
-    from .metrics import evaluate_folders
+    from .evaluation import MISSING_PREDICTION_SCORED_AS, evaluate_folders
 
     try:
-        summary = evaluate_folders(args.pred_dir, args.gt_dir, args.output, args.protocol, args.task, args.labels)
+        report = evaluate_folders(args.pred_dir, args.gt_dir, args.output, args.protocol, args.task, args.labels,
+                                  overwrite=args.overwrite)
     except (ValueError, OSError) as exc:
         raise InputError(str(exc)) from exc
     progress.close()
-    regions = summary["summary"]
-    lines = [f"{summary['protocol']} ({summary['task']}), {len(summary['cases'])} case(s):"]
-    for region, metrics in regions.items():
+    lines = [f"{report['protocol']} ({report['task']}), {len(report['cases'])} case(s):"]
+    for region, metrics in report["summary"].items():
         parts = [f"{name} {values['mean']:.4f}" for name, values in metrics.items()
                  if name in ("lesion_dice", "lesion_hd95", "legacy_dice")]
         lines.append(f"  {region}: " + ", ".join(parts))
-    lines.append(f"written to {args.output}")
+    if report["missing"]:
+        shown = ", ".join(report["missing"][:5]) + (" …" if len(report["missing"]) > 5 else "")
+        print(f"warning: {len(report['missing'])} case(s) have no prediction in {args.pred_dir} ({shown}); scored "
+              f"as {MISSING_PREDICTION_SCORED_AS[report['protocol']]} (summary.json: missing_prediction_rule)",
+              file=sys.stderr)
+    for folder, ignored in report["ignored"].items():
+        if ignored:
+            lines.append(f"not label maps, ignored in the {folder}: "
+                         + ", ".join(f"{count} {kind}(s)" for kind, count in ignored.items()))
+    lines.append(f"written to {args.output} (summary.csv/summary.json say which numbers equal the official code)")
     print("\n".join(lines), file=progress.stdout)
     return 0
 

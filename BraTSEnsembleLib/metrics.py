@@ -28,16 +28,18 @@ Three protocols, each re-implemented from the organisers' public code (no code c
     implementation over medpy's ``__surface_distances``: erosion borders, connectivity 1): a missed lesion or a
     false positive scores 0, both empty 1.
 
-``brats2025`` — BraTS/BraTS_evaluation (``configs/config_GoAT.yaml``, ``config_gli.yaml``,
-    ``metrics_parser.py``) over BrainLesion/panoptica: 26-connected instances (cc3d), one-to-one maximum
+``brats2025`` — brats-evaluation 0.0.10 (BraTS/BraTS_evaluation: ``configs/config_<task>.yaml``,
+    ``metrics_parser.py``) over BrainLesion/panoptica 2.1: 26-connected instances (cc3d), one-to-one maximum
     bipartite matching on DSC (``MaxBipartiteMatching``, ``matching_threshold`` 1e-6;
     ``scipy.optimize.linear_sum_assignment`` on cost 1 − DSC), no dilation, no size threshold. Lesion-wise DSC,
     HD95 and NSD are means over matched pairs only (panoptica ``sq_*``); FP and FN enter only the F1
-    (``rq`` = TP / (TP + ½FP + ½FN)). Zero TP: DSC/NSD 0, HD95 ``inf``; no instances at all: NaN, reported as
-    DSC/NSD 1 and HD95 0 (brats-infra ``score_panoptica.py`` fills NaN that way). HD95 ``inf`` → 373
-    (``metrics_parser.py``). Panoptica's HD95 is ``np.percentile`` of the pooled two-way distances between
-    erosion borders (connectivity 1); its NSD tolerance is the smallest voxel spacing (1 mm for BraTS data),
-    here fixed at 1 mm. Regions: GoAT (default) ET {3}, TC {1,3}, WT {1,2,3}; task GLI adds NETC, SNFH, RC.
+    (``rq`` = TP / (TP + ½FP + ½FN)). Zero TP: DSC/NSD 0 (HD95 ``inf`` there, 373 here); no instances at all:
+    NaN, as in the official output. Panoptica's HD95 is ``np.percentile`` of the pooled two-way distances
+    between erosion borders (connectivity 1); its NSD tolerance is the smallest voxel spacing, here fixed at
+    1 mm. Whole-region scores: see ``evaluation.quantity_notes`` for where they follow a better-defined rule than
+    panoptica's (which ignores the spacing there). Tasks and regions: the bundled configs (:data:`TASKS`); MET's
+    lesion-wise scores follow ``parse_mets_results`` with brats-infra's thresholds (27 mm³, DSC 0.2). A missing
+    prediction: :func:`missing_prediction_scores`.
 
 HD95 of ``brats2023``/``brats2024`` is DeepMind's surface-distance (both repositories vendor
 ``surface_distance/metrics.py``: ``compute_surface_distances`` + ``compute_robust_hausdorff(…, 95)``): surface
@@ -50,22 +52,18 @@ configuration with at most four voxels set (the complement for more): that repro
 Array convention: ``spacing`` is given per array axis. The official scripts read NIfTI with nibabel, i.e. arrays
 indexed (x, y, z) with ``header.get_zooms()``; for bit-identical results (surfel weights and lesion numbering
 depend on axis order) pass arrays the same way — from SimpleITK, ``GetArrayViewFromImage(img).transpose(2, 1, 0)``
-with ``img.GetSpacing()`` — as :func:`evaluate_folders` does.
+with ``img.GetSpacing()`` — as ``evaluation.evaluate_folders`` does.
 """
 from __future__ import annotations
 
-import csv
 import functools
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
-
-from . import labels as _labels
 
 PROTOCOLS = ("brats2023", "brats2024", "brats2025")
 
@@ -84,6 +82,12 @@ REGIONS_2025_GOAT: dict[str, tuple[int, ...]] = {"ET": (3,), "TC": (1, 3), "WT":
 REGIONS_2025_GLI: dict[str, tuple[int, ...]] = {
     "SNFH": (2,), "ET": (3,), "NETC": (1,), "RC": (4,), "TC": (1, 3), "WT": (1, 2, 3),
 }
+#: config_ped.yaml: the paediatric labels are 1 ET, 2 NETC, 3 CC (cystic component), 4 ED (oedema).
+REGIONS_2025_PED: dict[str, tuple[int, ...]] = {
+    "ET": (1,), "NETC": (2,), "CC": (3,), "ED": (4,), "TC": (1, 2, 3), "WT": (1, 2, 3, 4),
+}
+#: config_MenRT.yaml: one gross tumour volume label.
+REGIONS_2025_MENRT: dict[str, tuple[int, ...]] = {"GTV": (1,)}
 #: brats2024 metrics_GLI.py: NETC and RC dilate 5 (the ``"SFNH"`` typo leaves SNFH at 3), the rest 3.
 DILATION_2024 = {"WT": 3, "TC": 3, "NETC": 5, "SNFH": 3, "ET": 3, "RC": 5}
 #: brats2024 metrics_GLI.py: ET 10, all others 20 (voxels for removing predictions, mm³ for GT lesions).
@@ -98,14 +102,72 @@ _STRUCT_18 = ndimage.generate_binary_structure(3, 2)
 _STRUCT_6 = ndimage.generate_binary_structure(3, 1)
 
 
-def protocol_regions(protocol: str, task: str = "GLI") -> dict[str, tuple[int, ...]]:
-    """Regions (name → canonical labels) that ``protocol`` scores for ``task``."""
-    _check_protocol(protocol, task)
-    if protocol == "brats2023":
-        return dict(REGIONS_2023)
+#: brats-infra ``evaluation/segmentation/score.py``: the 2025 MET ranking runs ``brats-parse-metrics mets
+#: --vol_threshold 27 --overlap_threshold 0.2`` (reference lesions of ≥ 27 mm³ are "large"; a matched lesion is
+#: detected when its DSC ≥ 0.2). brats-parse-metrics' own defaults (20, 0.1) are not what the challenge used.
+MET_VOLUME_THRESHOLD_2025 = 27.0
+MET_OVERLAP_THRESHOLD_2025 = 0.2
+#: Values shown in an error about label values (a float intensity image has millions of distinct values).
+MAX_VALUES_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Task:
+    """An official task of a protocol: its name as the official code spells it, the regions it scores (name →
+    label values in the files), and whether its labels follow the glioma convention (1 NETC, 2 SNFH, 3 ET, 4 RC),
+    which ``--labels brats2021`` converts from."""
+
+    name: str
+    regions: dict[str, tuple[int, ...]]
+    glioma_labels: bool = True
+    aliases: tuple[str, ...] = ()
+
+
+#: Per protocol, its official tasks. 2023: ``get_LesionWiseResults`` (one region set, per-task dilation and
+#: threshold); 2024: ``metrics_GLI.py`` only (the other 2024 scripts use other labels and penalties and are not
+#: reproduced); 2025: the configs bundled with brats-evaluation 0.0.10 (``configs/config_<name>.yaml``).
+TASKS: dict[str, dict[str, Task]] = {
+    "brats2023": {name: Task(name, REGIONS_2023) for name in TASKS_2023},
+    "brats2024": {"GLI": Task("GLI", REGIONS_2024)},
+    "brats2025": {
+        "GoAT": Task("GoAT", REGIONS_2025_GOAT),
+        "GLI": Task("GLI", REGIONS_2025_GLI),
+        "MET": Task("MET", {"ET": (3,), "RC": (4,), "TC": (1, 3), "WT": (1, 2, 3)}, aliases=("mets",)),
+        "PED": Task("PED", REGIONS_2025_PED, glioma_labels=False),
+        "MenPre": Task("MenPre", REGIONS_2025_GOAT),
+        "MenRT": Task("MenRT", REGIONS_2025_MENRT, glioma_labels=False),
+    },
+}
+
+
+def _task_key(name: str) -> str:
+    """Lower case without ``-``/``_`` and without a leading ``BraTS`` (the 2023 script's ``BraTS-GLI``, brats-infra's
+    ``BraTS-GoAT``)."""
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    return key[len("brats"):] if key.startswith("brats") and len(key) > len("brats") else key
+
+
+def resolve_task(protocol: str, task: str) -> Task:
+    """The official ``task`` of ``protocol`` (case-insensitive; ``-``/``_`` and a ``BraTS`` prefix ignored; the
+    official config names such as ``mets`` accepted). Raises ValueError listing the valid tasks — a typo never falls
+    back to another task."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    tasks = TASKS[protocol]
+    key = _task_key(task)
+    for official in tasks.values():
+        if key in {_task_key(official.name), *map(_task_key, official.aliases)}:
+            return official
     if protocol == "brats2024":
-        return dict(REGIONS_2024)
-    return dict(REGIONS_2025_GLI if task.upper() == "GLI" else REGIONS_2025_GOAT)
+        raise ValueError(f"brats2024 is reproduced for task GLI only (its other tasks' scripts use other labels and "
+                         f"penalties), not {task!r}. Use --task GLI, or --protocol brats2023 or brats2025 for "
+                         "another task.")
+    raise ValueError(f"{protocol} has no task {task!r}; its tasks are {', '.join(tasks)}.")
+
+
+def protocol_regions(protocol: str, task: str = "GLI") -> dict[str, tuple[int, ...]]:
+    """Regions (name → label values) that ``protocol`` scores for ``task``."""
+    return dict(resolve_task(protocol, task).regions)
 
 
 def allowed_labels(protocol: str, task: str = "GLI") -> tuple[int, ...]:
@@ -117,26 +179,53 @@ def allowed_labels(protocol: str, task: str = "GLI") -> tuple[int, ...]:
 
 
 def _check_protocol(protocol: str, task: str) -> None:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    if protocol == "brats2023" and task.upper() not in TASKS_2023:
-        raise ValueError(f"brats2023 has no task {task!r}; tasks: {', '.join(TASKS_2023)}")
-    if protocol == "brats2024" and task.upper() != "GLI":
-        raise ValueError(f"brats2024 is implemented for task GLI only (its other tasks use other labels and "
-                         f"penalties), not {task!r}")
+    resolve_task(protocol, task)
+
+
+def _format_value(value: float) -> str:
+    return f"{value:g}"
+
+
+def _distinct_values(array: np.ndarray) -> np.ndarray:
+    """Sorted distinct values; for integer arrays of a small range by counting (a sort of 40 M voxels takes
+    seconds)."""
+    if array.size and (array.dtype.kind in "ui" or array.dtype == bool):
+        low, high = int(array.min()), int(array.max())
+        if high - low < 1 << 16:
+            shifted = array.ravel() if low == 0 else array.ravel().astype(np.int64) - low
+            return np.nonzero(np.bincount(shifted, minlength=high - low + 1))[0] + low
+    return np.unique(array)
+
+
+def unexpected_values(array: np.ndarray, allowed: Sequence[int]) -> str | None:
+    """``"[v1, …, v5] and N other values"`` of the values of ``array`` not in ``allowed`` (None when all are):
+    at most :data:`MAX_VALUES_SHOWN` shown, the rest counted."""
+    present = _distinct_values(np.asarray(array))
+    bad = present[~np.isin(present, allowed)]
+    if bad.size == 0:
+        return None
+    shown = ", ".join(_format_value(v) for v in bad[:MAX_VALUES_SHOWN].tolist())
+    more = f" and {bad.size - MAX_VALUES_SHOWN} other values" if bad.size > MAX_VALUES_SHOWN else ""
+    return f"[{shown}]{more}"
 
 
 def check_label_values(array: np.ndarray, protocol: str, task: str = "GLI", name: str = "label map") -> None:
-    """Raise ValueError naming ``name`` and the offending values when ``array`` holds labels outside the protocol's set."""
+    """Raise ValueError naming ``name`` and the first offending values (at most :data:`MAX_VALUES_SHOWN`, and how
+    many more) when ``array`` holds labels outside the set of ``protocol``'s ``task``."""
     allowed = allowed_labels(protocol, task)
-    present = np.unique(array)
-    bad = [v for v in present.tolist() if v not in allowed]
-    if bad:
-        shown = [int(v) if float(v).is_integer() else v for v in bad]
-        raise ValueError(f"{name}: label values {shown} are not valid for protocol {protocol!r} "
-                         f"(allowed: {list(allowed)}). Give a BraTS label map of whole-number labels: one in the "
-                         "BraTS 2020/21 convention (4 = ET) needs --labels brats2021; other values mean the file is "
-                         "not a BraTS label map (a probability or intensity image?), so export the labels again.")
+    shown = unexpected_values(array, allowed)
+    if shown is None:
+        return
+    official = resolve_task(protocol, task)
+    if official.glioma_labels:
+        fix = ("Give a BraTS label map of whole-number labels: one in the BraTS 2020/21 convention (4 = ET) needs "
+               "--labels brats2021; other values mean the file is not a BraTS label map (a probability or intensity "
+               "image?), so export the labels again.")
+    else:
+        fix = (f"Give a label map in task {official.name}'s labels; other values mean the file is not a label map "
+               "of this task (another task's, or a probability or intensity image?), so export the labels again.")
+    raise ValueError(f"{name}: label values {shown} are not valid for protocol {protocol!r} task "
+                     f"{official.name} (allowed: {list(allowed)}). {fix}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -543,7 +632,7 @@ def _legacy(pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Sequence[float]
 
 
 def _scores_2023(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...], task: str) -> dict[str, dict]:
-    dilation, threshold = TASKS_2023[task.upper()]
+    dilation, threshold = TASKS_2023[resolve_task("brats2023", task).name]
     penalty = HD95_PENALTY["brats2023"]
     tolerances = (1.0,)
     result: dict[str, dict] = {}
@@ -590,61 +679,151 @@ def _panoptica_surface_metrics(ref: np.ndarray, pred: np.ndarray, spacing: Seque
     return hd95, _nsd_from_distances(sd_ref, sd_pred, tolerance, sys.float_info.min)
 
 
-def _scores_2025(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...], task: str) -> dict[str, dict]:
+@dataclass
+class _Matching2025:
+    """One region's instances and their one-to-one matching (panoptica ``MaxBipartiteMatching`` on DSC)."""
+
+    n_ref: int
+    n_pred: int
+    ref_volumes_mm3: list[float]           # per reference instance, in instance order
+    matched: dict[int, tuple[float, float, float]]  # reference instance → (DSC, HD95, NSD) of its matched pair
+
+
+def _match_2025(ref_inst: np.ndarray, pred_inst: np.ndarray, spacing: tuple[float, ...]) -> _Matching2025:
     from scipy.optimize import linear_sum_assignment
 
+    n_ref, n_pred = int(ref_inst.max()), int(pred_inst.max())
+    ref_sizes = np.bincount(ref_inst.ravel(), minlength=n_ref + 1)
+    pred_sizes = np.bincount(pred_inst.ravel(), minlength=n_pred + 1)
+    ref_boxes = ndimage.find_objects(ref_inst) if n_ref else []
+    pred_boxes = ndimage.find_objects(pred_inst) if n_pred else []
+    cost = np.full((n_ref, n_pred), 1.0 + 1e-6)
+    overlap = (ref_inst > 0) & (pred_inst > 0)
+    if overlap.any():
+        pair_keys = ref_inst[overlap].astype(np.int64) * (n_pred + 1) + pred_inst[overlap]
+        keys, inter = np.unique(pair_keys, return_counts=True)
+        for key, n in zip(keys.tolist(), inter.tolist()):
+            r, p = divmod(key, n_pred + 1)
+            dsc = 2.0 * n / (ref_sizes[r] + pred_sizes[p])
+            if dsc >= MATCHING_THRESHOLD_2025:
+                cost[r - 1, p - 1] = 1.0 - dsc
+    matched: dict[int, tuple[float, float, float]] = {}
+    if n_ref and n_pred:
+        rows, cols = linear_sum_assignment(cost)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            if cost[r, c] >= 1.0:
+                continue
+            box = _grow(_union([ref_boxes[r], pred_boxes[c]]), 1, ref_inst.shape)
+            ref_m, pred_m = ref_inst[box] == r + 1, pred_inst[box] == c + 1
+            matched[r + 1] = (dice(pred_m, ref_m), *_panoptica_surface_metrics(ref_m, pred_m, spacing))
+    voxel_volume = float(np.prod(spacing))
+    return _Matching2025(n_ref, n_pred, [float(v) * voxel_volume for v in ref_sizes[1:].tolist()], matched)
+
+
+def _lesion_scores_2025(m: _Matching2025, penalty: float) -> dict[str, float]:
+    """brats-parse-metrics ``seg``: means over matched pairs (``sq_*``), F1 = ``rq``; the edge cases and where they
+    differ from the official output: ``evaluation.quantity_notes``."""
+    tp = len(m.matched)
+    fp, fn = m.n_pred - tp, m.n_ref - tp
+    if tp:
+        dscs, hds, nsds = zip(*m.matched.values())
+        return {"lesion_dice": float(np.mean(dscs)), "lesion_hd95": float(np.mean(hds)),
+                "lesion_nsd_1": float(np.mean(nsds)), "f1": tp / (tp + 0.5 * fp + 0.5 * fn)}
+    if m.n_ref == 0 and m.n_pred == 0:  # panoptica's "no instances": NaN, as the official output has it
+        return {"lesion_dice": math.nan, "lesion_hd95": math.nan, "lesion_nsd_1": math.nan, "f1": math.nan}
+    # nothing matched: DSC/NSD 0 and F1 0 as official; HD95 inf there, the penalty here
+    return {"lesion_dice": 0.0, "lesion_hd95": penalty, "lesion_nsd_1": 0.0, "f1": 0.0}
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    denominator = 2 * tp + fp + fn
+    return 2 * tp / denominator if denominator else 0.0
+
+
+def _lesion_scores_2025_met(m: _Matching2025, penalty: float) -> dict[str, float]:
+    """brats-parse-metrics ``mets`` with brats-infra's thresholds: lesion-wise means over the *large* reference
+    lesions (≥ :data:`MET_VOLUME_THRESHOLD_2025` mm³; a missed one scores DSC/NSD 0 and HD95 ``penalty``) and every
+    false positive (0, 0, ``penalty``); NaN when the reference has no large lesion. Detection counts and F1 apart for
+    large and small reference lesions (a matched lesion counts as detected when its DSC ≥
+    :data:`MET_OVERLAP_THRESHOLD_2025`); false positives count in both."""
+    dscs: list[float] = []
+    hds: list[float] = []
+    nsds: list[float] = []
+    large = {"tp": 0, "fn": 0}
+    small = {"tp": 0, "fn": 0}
+    n_large = n_small = 0
+    for lesion, volume in enumerate(m.ref_volumes_mm3, start=1):
+        is_large = volume >= MET_VOLUME_THRESHOLD_2025
+        counts = large if is_large else small
+        n_large, n_small = n_large + is_large, n_small + (not is_large)
+        if lesion in m.matched:
+            dsc, hd, nsd = m.matched[lesion]
+            counts["tp" if dsc >= MET_OVERLAP_THRESHOLD_2025 else "fn"] += 1
+            if is_large:
+                dscs.append(dsc)
+                hds.append(hd)
+                nsds.append(nsd)
+        else:
+            counts["fn"] += 1
+            if is_large:
+                dscs.append(0.0)
+                hds.append(penalty)
+                nsds.append(0.0)
+    fp = m.n_pred - len(m.matched)
+    dscs += [0.0] * fp
+    hds += [penalty] * fp
+    nsds += [0.0] * fp
+    out: dict[str, float] = {}
+    if n_large:
+        out.update(lesion_dice=float(np.mean(dscs)), lesion_hd95=float(np.mean(hds)), lesion_nsd_1=float(np.mean(nsds)))
+    else:
+        out.update(lesion_dice=math.nan, lesion_hd95=math.nan, lesion_nsd_1=math.nan)
+    tp = len(m.matched)
+    out["f1"] = tp / (tp + 0.5 * fp + 0.5 * (m.n_ref - tp)) if m.n_ref or m.n_pred else math.nan
+    for name, counts, present in (("large", large, n_large), ("small", small, n_small)):
+        if present:
+            out.update({f"{name}_tp": counts["tp"], f"{name}_fn": counts["fn"], f"{name}_fp": fp,
+                        f"{name}_f1": _f1(counts["tp"], fp, counts["fn"])})
+        else:
+            out.update({f"{name}_tp": math.nan, f"{name}_fn": math.nan, f"{name}_fp": math.nan,
+                        f"{name}_f1": math.nan})
+    return out
+
+
+def _global_scores_2025(gt_mask: np.ndarray, pred_mask: np.ndarray, spacing: tuple[float, ...],
+                        penalty: float) -> dict[str, float]:
+    """Whole-region DSC, HD95 and NSD @ 1 mm at the given spacing; how they relate to panoptica's ``global_*``
+    (computed in voxels): ``evaluation.quantity_notes``."""
+    has_gt, has_pred = bool(gt_mask.any()), bool(pred_mask.any())
+    if not has_gt and not has_pred:  # NaN in the official output
+        return {"legacy_dice": math.nan, "legacy_hd95": math.nan, "legacy_nsd_1": math.nan}
+    if not has_gt or not has_pred:
+        return {"legacy_dice": 0.0, "legacy_hd95": penalty, "legacy_nsd_1": 0.0}
+    hd, nsd = _panoptica_surface_metrics(gt_mask, pred_mask, spacing)
+    return {"legacy_dice": dice(pred_mask, gt_mask), "legacy_hd95": hd, "legacy_nsd_1": nsd}
+
+
+def _instances(mask: np.ndarray) -> np.ndarray:
+    return _components(mask) if mask.any() else np.zeros(mask.shape, np.int64)
+
+
+def _scores_2025(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...], task: str) -> dict[str, dict]:
+    official = resolve_task("brats2025", task)
     penalty = HD95_PENALTY["brats2025"]
+    voxel_volume = float(np.prod(spacing))
     result: dict[str, dict] = {}
-    for region, region_labels in protocol_regions("brats2025", task).items():
+    for region, region_labels in official.regions.items():
         pred_mask = np.isin(pred, region_labels)
         gt_mask = np.isin(gt, region_labels)
-        ref_inst = _components(gt_mask) if gt_mask.any() else np.zeros(gt.shape, np.int64)
-        pred_inst = _components(pred_mask) if pred_mask.any() else np.zeros(pred.shape, np.int64)
-        n_ref, n_pred = int(ref_inst.max()), int(pred_inst.max())
-        ref_boxes = ndimage.find_objects(ref_inst) if n_ref else []
-        pred_boxes = ndimage.find_objects(pred_inst) if n_pred else []
-        # DSC of every overlapping (ref, pred) pair
-        cost = np.full((n_ref, n_pred), 1.0 + 1e-6)
-        overlap = (ref_inst > 0) & (pred_inst > 0)
-        if overlap.any():
-            pairs, inter = np.unique(np.stack([ref_inst[overlap], pred_inst[overlap]]), axis=1, return_counts=True)
-            ref_sizes = np.bincount(ref_inst.ravel(), minlength=n_ref + 1)
-            pred_sizes = np.bincount(pred_inst.ravel(), minlength=n_pred + 1)
-            for (r, p), n in zip(pairs.T.tolist(), inter.tolist()):
-                dsc = 2.0 * n / (ref_sizes[r] + pred_sizes[p])
-                if dsc >= MATCHING_THRESHOLD_2025:
-                    cost[r - 1, p - 1] = 1.0 - dsc
-        matches: list[tuple[int, int]] = []
-        if n_ref and n_pred:
-            rows, cols = linear_sum_assignment(cost)
-            matches = [(int(r) + 1, int(c) + 1) for r, c in zip(rows, cols) if cost[r, c] < 1.0]
-        dscs, hds, nsds = [], [], []
-        for r, p in matches:
-            box = _grow(_union([ref_boxes[r - 1], pred_boxes[p - 1]]), 1, gt.shape)
-            ref_m, pred_m = ref_inst[box] == r, pred_inst[box] == p
-            dscs.append(dice(pred_m, ref_m))
-            hd, nsd = _panoptica_surface_metrics(ref_m, pred_m, spacing)
-            hds.append(hd)
-            nsds.append(nsd)
-        tp = len(matches)
-        fp, fn = n_pred - tp, n_ref - tp
-        if tp:
-            lesion = {"lesion_dice": float(np.mean(dscs)), "lesion_hd95": float(np.mean(hds)),
-                      "lesion_nsd_1": float(np.mean(nsds)), "f1": tp / (tp + 0.5 * fp + 0.5 * fn)}
-        elif n_ref == 0 and n_pred == 0:  # NaN in panoptica; NaN → 1 (DSC, NSD) / 0 (HD95) as brats-infra fills it
-            lesion = {"lesion_dice": 1.0, "lesion_hd95": 0.0, "lesion_nsd_1": 1.0, "f1": math.nan}
+        matching = _match_2025(_instances(gt_mask), _instances(pred_mask), spacing)
+        if official.name == "MET":
+            lesion = _lesion_scores_2025_met(matching, penalty)
         else:
-            lesion = {"lesion_dice": 0.0, "lesion_hd95": penalty, "lesion_nsd_1": 0.0, "f1": 0.0}
-        if gt_mask.any() and pred_mask.any():
-            g_hd, g_nsd = _panoptica_surface_metrics(gt_mask, pred_mask, spacing)
-        elif gt_mask.any() or pred_mask.any():
-            g_hd, g_nsd = penalty, 0.0
-        else:
-            g_hd, g_nsd = 0.0, 1.0
-        voxel_volume = float(np.prod(spacing))
-        result[region] = {**lesion, "tp": tp, "fn": fn, "fp": fp,
-                          "legacy_dice": dice(pred_mask, gt_mask, empty=1.0), "legacy_hd95": g_hd,
-                          "legacy_nsd_1": g_nsd, "gt_volume_mm3": float(gt_mask.sum()) * voxel_volume,
+            lesion = _lesion_scores_2025(matching, penalty)
+        tp = len(matching.matched)
+        result[region] = {**lesion, "tp": tp, "fn": matching.n_ref - tp, "fp": matching.n_pred - tp,
+                          **_global_scores_2025(gt_mask, pred_mask, spacing, penalty),
+                          "gt_volume_mm3": float(gt_mask.sum()) * voxel_volume,
                           "pred_volume_mm3": float(pred_mask.sum()) * voxel_volume}
     return result
 
@@ -657,12 +836,13 @@ def lesion_wise_scores(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, f
                        protocol: str = "brats2023", task: str = "GLI") -> dict[str, dict]:
     """Score one case: ``{region: {metric: value}}`` under ``protocol`` ('brats2023', 'brats2024', 'brats2025').
 
-    ``pred`` and ``gt`` are canonical label maps (1 NETC, 2 SNFH, 3 ET, 4 RC) of equal shape, ``spacing`` the voxel
-    size in mm per array axis (see the module docstring for the axis order that matches the official scripts).
-    Metrics per region: ``lesion_dice``, ``lesion_hd95`` (mm), ``lesion_nsd_1`` (NSD at 1 mm; 2024 also
-    ``lesion_nsd_0.5``), ``tp``/``fn``/``fp`` (lesion counts), ``legacy_dice``, ``legacy_hd95``, ``legacy_nsd_1``
-    (2024 also ``legacy_nsd_0.5``), ``gt_volume_mm3``, ``pred_volume_mm3``; brats2025 adds ``f1``.
-    Raises ValueError for unknown protocols/tasks, shape mismatches and label values outside the protocol's set.
+    ``pred`` and ``gt`` are label maps of equal shape in the task's labels (canonical 1 NETC, 2 SNFH, 3 ET, 4 RC but
+    for brats2025 PED and MenRT), ``spacing`` the voxel size in mm per array axis (see the module docstring for the
+    axis order that matches the official scripts). Metrics per region: ``lesion_dice``, ``lesion_hd95`` (mm),
+    ``lesion_nsd_1`` (NSD at 1 mm; 2024 also ``lesion_nsd_0.5``), ``tp``/``fn``/``fp`` (lesion counts),
+    ``legacy_dice``, ``legacy_hd95``, ``legacy_nsd_1`` (2024 also ``legacy_nsd_0.5``), ``gt_volume_mm3``,
+    ``pred_volume_mm3``; brats2025 adds ``f1``, and for MET ``large_*``/``small_*`` detection counts and F1.
+    Raises ValueError for unknown protocols/tasks, shape mismatches and label values outside the task's set.
     """
     _check_protocol(protocol, task)
     pred = np.asarray(pred)
@@ -672,6 +852,7 @@ def lesion_wise_scores(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, f
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or any(not s > 0 for s in spacing):
         raise ValueError(f"spacing must be three positive numbers, not {spacing}")
+    pred, gt = _crop_to_labels(pred, gt)
     check_label_values(pred, protocol, task, "prediction")
     check_label_values(gt, protocol, task, "ground truth")
     if protocol == "brats2023":
@@ -681,134 +862,46 @@ def lesion_wise_scores(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, f
     return _scores_2025(pred, gt, spacing, task)
 
 
-def _case_id(name: str) -> str:
-    stem = name[: -len(".nii.gz")]
-    return stem[: -len("-seg")] if stem.endswith("-seg") else stem
+#: Background kept around the labelled voxels by :func:`_crop_to_labels`: more than the largest dilation (5) plus
+#: the one-voxel growth of the touching test, so that no dilation, erosion or surface reaches the crop's edge.
+CROP_MARGIN = 8
 
 
-def _read_labels(path: Path, convention: str, protocol: str, task: str):
-    import SimpleITK as sitk
-
-    from .case import read_image
-
-    image = read_image(path)  # refuses truncated NIfTI files, which ITK's reader silently fills with zeros
-    array = sitk.GetArrayFromImage(image)
-    if convention == "brats2021":
-        try:
-            array = _labels.brats2021_to_canonical(array)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
-    elif convention != "canonical":
-        raise ValueError(f"labels must be 'canonical' or 'brats2021', not {convention!r}")
-    check_label_values(array, protocol, task, str(path))
-    # (z, y, x) → (x, y, z), the index order of the official (nibabel) scripts, with spacing (x, y, z)
-    return image, array.transpose(2, 1, 0), tuple(image.GetSpacing())
+def _crop_to_labels(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays cropped to the box of their non-zero voxels plus :data:`CROP_MARGIN` (one voxel when both are
+    empty). Every score is unchanged — outside the box both are background, components keep their scan order —
+    while a tumour in a 512×512×176 volume is scored in a fraction of the time and memory."""
+    box = _bbox((pred != 0) | (gt != 0))
+    if box is None:
+        return pred[:1, :1, :1], gt[:1, :1, :1]
+    box = _grow(box, CROP_MARGIN, gt.shape)
+    return np.ascontiguousarray(pred[box]), np.ascontiguousarray(gt[box])
 
 
-def _check_geometry(pred_path: Path, pred_img, gt_path: Path, gt_img, tolerance: float = 1e-4) -> None:
-    problems = []
-    if pred_img.GetSize() != gt_img.GetSize():
-        problems.append(f"size {pred_img.GetSize()} vs {gt_img.GetSize()}")
-    for what in ("GetSpacing", "GetOrigin", "GetDirection"):
-        a, b = np.array(getattr(pred_img, what)()), np.array(getattr(gt_img, what)())
-        if a.shape != b.shape or not np.allclose(a, b, atol=tolerance):
-            problems.append(f"{what[3:].lower()} {tuple(a.round(5))} vs {tuple(b.round(5))}")
-    if problems:
-        raise ValueError(f"{pred_path} and {gt_path} differ in geometry: " + "; ".join(problems))
+#: Lesion counts among the metrics (the rest are scores or volumes).
+COUNT_METRICS = ("tp", "fn", "fp", "large_tp", "large_fn", "large_fp", "small_tp", "small_fn", "small_fp")
 
 
-def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path, protocol: str = "brats2023",
-                     task: str = "GLI", labels: str = "canonical") -> dict:
-    """Score every prediction ``<id>.nii.gz`` in ``pred_dir`` against ``gt_dir/<id>.nii.gz`` or ``<id>-seg.nii.gz``.
+def missing_prediction_scores(gt: np.ndarray, spacing: tuple[float, float, float], protocol: str = "brats2023",
+                              task: str = "GLI") -> dict[str, dict]:
+    """Scores of a case whose ground truth has no prediction file, as :func:`lesion_wise_scores` returns them.
 
-    Checks geometry and label values (ValueError naming the file); ``labels='brats2021'`` converts both label maps
-    from the BraTS 2020/21 convention (4 = ET) first. Ground truths without a prediction are scored with the
-    protocol's penalties (empty prediction) and listed under ``missing``; a prediction without ground truth is an
-    error. Writes ``per_case.csv`` (one row per case and region), ``summary.csv`` (mean, median, std, n per region
-    and metric) and ``boxplot_<region>.png``; returns ``{'protocol', 'task', 'cases', 'missing', 'summary':
-    {region: {metric: {'mean', 'median', 'std', 'n'}}}, 'files'}``.
+    brats2025: as brats-parse-metrics fills a missing subject (``_handle_missing_data``): every HD95 373 and every
+    other score 0, whatever the ground truth holds. Its fill value 0 for the lesion counts is not followed: here a
+    missing prediction detects nothing (TP 0, FP 0) and misses every ground-truth lesion (FN = their number).
+    brats2023/brats2024: the official scripts score one pair of files and define nothing for a missing file; the
+    case is scored as an empty prediction (what they give for an empty file).
     """
-    _check_protocol(protocol, task)
-    pred_dir, gt_dir, out_dir = Path(pred_dir), Path(gt_dir), Path(out_dir)
-    preds = {_case_id(p.name): p for p in sorted(pred_dir.glob("*.nii.gz"))}
-    gts: dict[str, Path] = {}
-    for p in sorted(gt_dir.glob("*.nii.gz")):
-        case = _case_id(p.name)
-        if case in gts:
-            raise ValueError(f"two ground truths for case {case!r}: {gts[case].name} and {p.name}")
-        gts[case] = p
-    orphans = sorted(set(preds) - set(gts))
-    if orphans:
-        raise ValueError(f"predictions without ground truth in {gt_dir}: {orphans}")
-    if not gts:
-        raise ValueError(f"no ground truth (*.nii.gz) in {gt_dir}")
-
-    rows: list[dict] = []
-    missing: list[str] = []
-    for case, gt_path in gts.items():
-        gt_img, gt_arr, spacing = _read_labels(gt_path, labels, protocol, task)
-        if case in preds:
-            pred_img, pred_arr, _ = _read_labels(preds[case], labels, protocol, task)
-            _check_geometry(preds[case], pred_img, gt_path, gt_img)
-        else:
-            missing.append(case)
-            pred_arr = np.zeros_like(gt_arr)
-        scores = lesion_wise_scores(pred_arr, gt_arr, spacing, protocol, task)
-        for region, metrics in scores.items():
-            rows.append({"case": case, "region": region, "missing_prediction": int(case not in preds), **metrics})
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metric_names = [k for k in rows[0] if k not in ("case", "region", "missing_prediction")]
-    per_case = out_dir / "per_case.csv"
-    with per_case.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", "region", "missing_prediction", *metric_names])
-        writer.writeheader()
-        writer.writerows(rows)
-
-    regions = list(dict.fromkeys(r["region"] for r in rows))
-    summary: dict[str, dict[str, dict[str, float]]] = {}
-    for region in regions:
-        summary[region] = {}
-        for metric in metric_names:
-            values = np.array([r[metric] for r in rows if r["region"] == region], dtype=float)
-            values = values[~np.isnan(values)]
-            summary[region][metric] = {
-                "mean": float(values.mean()) if len(values) else math.nan,
-                "median": float(np.median(values)) if len(values) else math.nan,
-                "std": float(values.std()) if len(values) else math.nan,
-                "n": int(len(values)),
-            }
-    summary_csv = out_dir / "summary.csv"
-    with summary_csv.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["region", "metric", "mean", "median", "std", "n"])
-        for region, metrics in summary.items():
-            for metric, stats in metrics.items():
-                writer.writerow([region, metric, stats["mean"], stats["median"], stats["std"], stats["n"]])
-
-    plots = [_box_plot(out_dir / f"boxplot_{region}.png", region,
-                       [r for r in rows if r["region"] == region], protocol) for region in regions]
-    return {"protocol": protocol, "task": task, "cases": list(gts), "missing": missing, "summary": summary,
-            "files": {"per_case": per_case, "summary": summary_csv, "plots": plots}}
-
-
-def _box_plot(path: Path, region: str, rows: list[dict], protocol: str) -> Path:
-    """Box plot of one region's per-case scores: overlap scores (0–1) left, HD95 (mm) right. No pyplot state."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    overlap = [m for m in rows[0] if m.startswith(("lesion_dice", "lesion_nsd", "legacy_dice", "legacy_nsd", "f1"))]
-    distance = [m for m in rows[0] if m.endswith("hd95")]
-    fig = Figure(figsize=(4 + 0.9 * len(overlap), 4.5))
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(overlap), 1), max(len(distance), 1)]})
-    for ax, names, ylabel in ((ax1, overlap, "score"), (ax2, distance, "HD95 (mm)")):
-        data = [[v for v in (float(r[m]) for r in rows) if not math.isnan(v)] for m in names]
-        ax.boxplot(data, showmeans=True)
-        ax.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel(ylabel)
-    ax1.set_ylim(-0.05, 1.05)
-    fig.suptitle(f"{region} — {protocol}, {len(rows)} cases")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    scores = lesion_wise_scores(np.zeros_like(np.asarray(gt)), gt, spacing, protocol, task)
+    if protocol != "brats2025":
+        return scores
+    penalty = HD95_PENALTY["brats2025"]
+    for metrics in scores.values():
+        for key, value in metrics.items():
+            if key.endswith("_mm3"):
+                continue
+            if key in COUNT_METRICS:
+                metrics[key] = 0 if math.isnan(value) else value
+            else:
+                metrics[key] = penalty if "hd95" in key else 0.0
+    return scores

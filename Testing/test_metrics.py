@@ -16,7 +16,9 @@ import math
 import numpy as np
 import pytest
 
+from BraTSEnsembleLib import evaluation as E
 from BraTSEnsembleLib import metrics as M
+from BraTSEnsembleLib.errors import InputError
 
 
 def volume(shape, *boxes):
@@ -58,16 +60,20 @@ def test_both_empty():
 
     2023/2024: 0 GT lesions and 0 FPs make the lesion-wise quotient 0/0 = NaN, which the official code turns into
     Dice 1 (NSD 1) and HD95 0; legacy Dice 1 and HD95 0 by explicit rule. 2025: panoptica's "no instances" case is
-    NaN, filled as DSC/NSD 1, HD95 0; the F1 stays NaN.
+    NaN for every lesion-wise score and the F1, and its global metrics are NaN too (the masks have no overlap, the
+    zero-TP rule then gives "no instances"): brats-evaluation's CSV keeps NaN, and so does this output.
     """
     empty = np.zeros((10, 10, 10), dtype=np.uint8)
-    for protocol in M.PROTOCOLS:
+    for protocol in ("brats2023", "brats2024"):
         for region, s in M.lesion_wise_scores(empty, empty, SP1, protocol).items():
             assert (s["tp"], s["fn"], s["fp"]) == (0, 0, 0)
             assert (s["lesion_dice"], s["lesion_hd95"], s["lesion_nsd_1"]) == (1.0, 0.0, 1.0), (protocol, region)
             assert (s["legacy_dice"], s["legacy_hd95"], s["legacy_nsd_1"]) == (1.0, 0.0, 1.0)
-            if protocol == "brats2025":
-                assert math.isnan(s["f1"])
+    for region, s in M.lesion_wise_scores(empty, empty, SP1, "brats2025").items():
+        assert (s["tp"], s["fn"], s["fp"]) == (0, 0, 0)
+        for metric in ("lesion_dice", "lesion_hd95", "lesion_nsd_1", "f1", "legacy_dice", "legacy_hd95",
+                       "legacy_nsd_1"):
+            assert math.isnan(s[metric]), (region, metric)
 
 
 def test_missed_lesion_and_false_positive_penalties():
@@ -276,7 +282,7 @@ def test_evaluate_folders(tmp_path):
     _write(pred_dir / "c1.nii.gz", cube)
     _write(gt_dir / "c2.nii.gz", volume((40, 16, 16), (3, 2, 6, 6, 10, 6, 10), (3, 30, 34, 6, 10, 6, 10)))
     _write(pred_dir / "c2.nii.gz", volume((40, 16, 16), (3, 2, 6, 6, 10, 6, 10), (3, 16, 19, 6, 9, 6, 9)))
-    result = M.evaluate_folders(pred_dir, gt_dir, out_dir, protocol="brats2023", task="GLI")
+    result = E.evaluate_folders(pred_dir, gt_dir, out_dir, protocol="brats2023", task="GLI")
     assert result["cases"] == ["c1", "c2"] and result["missing"] == []
     et = result["summary"]["ET"]
     assert et["lesion_dice"]["mean"] == pytest.approx(2 / 3) and et["lesion_dice"]["median"] == pytest.approx(2 / 3)
@@ -290,20 +296,44 @@ def test_evaluate_folders(tmp_path):
 
 
 def test_evaluate_folders_label_checks_and_brats2021(tmp_path):
-    """Label 4 is ET in the BraTS 2020/21 convention: rejected under brats2023 (ValueError naming the file and the
+    """Label 4 is ET in the BraTS 2020/21 convention: rejected under brats2023 (InputError naming the file and the
     value) unless ``labels='brats2021'`` converts it (4 → 3), after which the perfect case scores Dice 1.
-    A geometry mismatch (spacing) is also a ValueError naming both files."""
+    A geometry mismatch (spacing) is also an InputError naming both files."""
     pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
     pred_dir.mkdir()
     gt_dir.mkdir()
     old = volume((12, 12, 12), (2, 2, 10, 2, 10, 2, 10), (4, 4, 8, 4, 8, 4, 8))
     _write(gt_dir / "c1-seg.nii.gz", old)
     _write(pred_dir / "c1.nii.gz", old)
-    with pytest.raises(ValueError, match=r"c1-seg\.nii\.gz: label values \[4\]"):
-        M.evaluate_folders(pred_dir, gt_dir, tmp_path / "out", protocol="brats2023")
-    result = M.evaluate_folders(pred_dir, gt_dir, tmp_path / "out", protocol="brats2023", labels="brats2021")
+    with pytest.raises(InputError, match=r"c1-seg\.nii\.gz: label values \[4\]"):
+        E.evaluate_folders(pred_dir, gt_dir, tmp_path / "out", protocol="brats2023")
+    result = E.evaluate_folders(pred_dir, gt_dir, tmp_path / "out", protocol="brats2023", labels="brats2021")
     assert result["summary"]["ET"]["lesion_dice"]["mean"] == 1.0
     assert result["summary"]["ET"]["gt_volume_mm3"]["mean"] == 64.0
     _write(pred_dir / "c1.nii.gz", old, spacing=(1.0, 1.0, 2.0))
-    with pytest.raises(ValueError, match="differ in geometry"):
-        M.evaluate_folders(pred_dir, gt_dir, tmp_path / "out", protocol="brats2023", labels="brats2021")
+    with pytest.raises(InputError, match="differ in geometry"):
+        E.evaluate_folders(pred_dir, gt_dir, tmp_path / "out2", protocol="brats2023", labels="brats2021")
+
+
+def test_official_task_names():
+    """Tasks are matched without regard to case, ``-``/``_`` or a ``BraTS-`` prefix, and the official config names
+    are accepted (brats-evaluation's ``mets``); anything else is refused with the protocol's list — ``MEN`` is a
+    2023 task, ambiguous in 2025 (MenPre or MenRT)."""
+    assert [M.resolve_task("brats2025", t).name for t in ("mets", "BraTS-GoAT", "men-rt", "MENPRE", "gli")] == [
+        "MET", "GoAT", "MenRT", "MenPre", "GLI"]
+    assert M.resolve_task("brats2023", "BraTS-PED").name == "PED"
+    with pytest.raises(ValueError, match=r"brats2025 has no task 'MEN'; its tasks are GoAT, GLI, MET, PED, MenPre, "
+                                         r"MenRT\."):
+        M.resolve_task("brats2025", "MEN")
+
+
+def test_missing_prediction_met():
+    """brats2025 MET, no prediction: every score 0 and every HD95 373 (``_handle_missing_data``), also in RC, which
+    the ground truth lacks (an empty prediction would give NaN there). Counts: TP/FP 0, FN the ground truth's
+    lesions — ET: L (64 mm³, large) and S (8 mm³, small) → FN 2, large FN 1, small FN 1; RC: 0."""
+    gt = volume((24, 8, 8), (3, 2, 6, 2, 6, 2, 6), (3, 20, 22, 2, 4, 2, 4))
+    scores = M.missing_prediction_scores(gt, SP1, "brats2025", "MET")
+    et, rc = scores["ET"], scores["RC"]
+    assert (et["tp"], et["fp"], et["fn"], et["large_fn"], et["small_fn"]) == (0, 0, 2, 1, 1)
+    assert (et["lesion_dice"], et["lesion_hd95"], et["legacy_hd95"], et["f1"], et["large_f1"]) == (0, 373, 373, 0, 0)
+    assert (rc["fn"], rc["large_fn"], rc["lesion_dice"], rc["lesion_hd95"], rc["small_f1"]) == (0, 0, 0, 373, 0)
