@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from .case import check_output_folder, discover_case_files, read_case_folder, write_csv
+from .case import Case, check_output_folder, discover_case_files, read_case_folder, write_csv
 from .downloads import register_models_command, run_models_command
 from .errors import BraTSEnsembleError, Cancelled, InputError, ModelError
 from .ensemble import LABEL_RULES
 from .modelset import ModelSet, load_model_set, nnunet_model_set
-from .pipeline import (ProgressEvent, check_outputs_free, output_paths, resolve_device, segment_case,
+from .pipeline import (CancelCheck, ProgressEvent, check_outputs_free, output_paths, resolve_device, segment_case,
                        write_result)
 from .postprocess import RULE_NAMES
 from .recipes import (Overrides, describe_recipe, fill_recipe, load_recipe, parse_role_paths, recipe_model_set,
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--model", "-m", action="append", default=[], metavar="ROLE=PATH")
     sub.add_parser("demo", help="segment the shipped phantom case with the shipped demo model set (no training)",
                    add_help=False)
+    sub.add_parser("serve", help="an HTTP server that segments uploaded cases with model sets loaded once "
+                                 "(docs/server.md; needs the [server] extra)", add_help=False)
     return parser
 
 
@@ -198,14 +200,20 @@ def _channel_names(args: argparse.Namespace, model_set: ModelSet) -> tuple[dict 
     return explicit, fallback
 
 
-def run_case(case_dir: Path, out_dir: Path, model_set: ModelSet, device: Any, args: argparse.Namespace,
-             progress: Callable[[ProgressEvent], None]) -> dict[str, Path]:
-    """Read, segment and write one case; returns the written paths."""
+def read_case(case_dir: Path, out_dir: Path, model_set: ModelSet, args: argparse.Namespace) -> Case:
+    """Find, check and read one case folder: all that ``predict`` does with a case before a model runs (``serve``
+    calls it too, to refuse a bad upload at once)."""
     explicit, fallback = _channel_names(args, model_set)
     case_id, _ = discover_case_files(case_dir, explicit, fallback)
     check_outputs_free(out_dir, case_id, args.overwrite)
-    case = read_case_folder(case_dir, explicit, fallback)
-    result = segment_case(case, model_set, device, progress)
+    return read_case_folder(case_dir, explicit, fallback)
+
+
+def run_case(case_dir: Path, out_dir: Path, model_set: ModelSet, device: Any, args: argparse.Namespace,
+             progress: Callable[[ProgressEvent], None], cancel: CancelCheck | None = None) -> dict[str, Path]:
+    """Read, segment and write one case; returns the written paths. ``cancel``: see :func:`segment_case`."""
+    case = read_case(case_dir, out_dir, model_set, args)
+    result = segment_case(case, model_set, device, progress, cancel)
     paths = write_result(result, out_dir, overwrite=args.overwrite, save_uncertainty=args.save_uncertainty)
     progress(ProgressEvent("written", case.case_id, 1.0, f"{paths['labels']} and {paths['statistics'].name}"))
     return paths
@@ -329,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo.run import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from .server import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "models":  # lists go to stdout, download bars to stderr
         return run_models_command(args)

@@ -76,6 +76,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise DeviceError(f"unknown device {name!r}; use auto, cpu or cuda")
 
 
+def check_roles(case: Case, model_set: ModelSet) -> None:
+    """Raise InputError when a member needs a sequence the case lacks (checked before any member runs)."""
+    for member in model_set.members:
+        ensure_roles_available(member.roles, case.roles, f"model {member.name}", case.description)
+
+
 def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "auto",
                  progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> Result:
     """Segment one case with a model set. Raises Cancelled when ``cancel()`` turns true between steps."""
@@ -87,8 +93,7 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
         if cancel is not None and cancel():
             raise Cancelled(f"case {case.case_id}: cancelled")
 
-    for member in model_set.members:  # every member's sequences are checked before any member runs
-        ensure_roles_available(member.roles, case.roles, f"model {member.name}", case.description)
+    check_roles(case, model_set)
     started = time.perf_counter()
     emit(ProgressEvent("case-start", case.case_id, 0.0, f"{n} model(s) on {torch_device}"))
     ensemble = StreamingEnsemble(space=fusion_space(model_set.members))

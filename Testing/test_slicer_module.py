@@ -541,7 +541,8 @@ def test_parameter_names_in_the_ui_are_parameter_node_fields():
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = widget.get("class")
     assert set(bound) <= set(fields)
-    assert set(fields) - set(bound) == {"modelPaths"}  # the model list is synchronised by hand
+    # the model list and the server's model-set choice (filled by Connect) are synchronised by hand
+    assert set(fields) - set(bound) == {"modelPaths", "serverModelSet"}
     expected_class = {"vtkMRMLScalarVolumeNode": "qMRMLNodeComboBox", "vtkMRMLSegmentationNode": "qMRMLNodeComboBox",
                       "vtkMRMLTableNode": "qMRMLNodeComboBox", "bool": "QCheckBox", "str": "QLineEdit"}
     for name, widget_class in bound.items():
