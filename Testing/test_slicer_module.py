@@ -643,6 +643,9 @@ def render_panel(qt_app, path: Path) -> tuple[int, int]:
     find("deviceComboBox").addItems(["auto", "cuda", "cpu"])
     find("postprocessComboBox").addItems(["default", "ratio-adaptive", "min-size", "et-to-netc", "none"])
     find("checkpointComboBox").addItems(["final", "best"])
+    find("runOnComboBox").addItems(["this computer", "server"])
+    for name in ("serverUrlLineEdit", "serverTokenLineEdit", "serverModelSetComboBox", "serverConnectButton"):
+        find(name).setEnabled(False)  # as the module shows them while running on this computer
     # Ready to run (what the module shows once the four inputs and a model set are chosen). While a run is in
     # progress the sections are disabled, Cancel is enabled and a progress bar with the member/step is shown.
     find("applyButton").setEnabled(True)
