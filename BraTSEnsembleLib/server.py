@@ -154,8 +154,11 @@ class AccessControl:
         self.app, self.tokens, self.limiter = app, tokens, limiter
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # no websockets here
+            await send({"type": "websocket.close", "code": 1008})
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         token = bearer_token(headers.get("authorization"))
@@ -314,6 +317,7 @@ async def receive_upload(request: Any, folder: Path, limits: Limits) -> Upload:
     and dropped so that the client receives the 413 answer; no more than that limit is ever read.
     """
     from python_multipart.multipart import parse_options_header
+    from starlette.requests import ClientDisconnect
 
     mime, params = parse_options_header(request.headers.get("content-type", ""))
     if mime != b"multipart/form-data" or not params.get(b"boundary"):
@@ -338,6 +342,8 @@ async def receive_upload(request: Any, folder: Path, limits: Limits) -> Upload:
             reader.feed(chunk)
             if reader.error is not None and declared is None:
                 break  # nothing tells how much more would come: answer now
+    except ClientDisconnect:
+        raise ApiError(400, "the upload was interrupted; send it again") from None
     finally:
         reader.close()
     if reader.error is not None:
