@@ -541,3 +541,23 @@ def test_multipart_body_streams_files_with_the_exact_length(tmp_path):
                                       "on_part_end": lambda: parts.setdefault(str(len(parts)), b"".join(current))})
     parser.write(body)
     assert list(parts.values()) == [b"C-1", one.read_bytes(), b"plain"]
+
+
+def test_slicer_needs_no_new_package_for_the_remote_mode():
+    """The client is the standard library; the module's installer (``[project] dependencies``) never brings the
+    server's packages into Slicer; ``make setup`` installs them for the tests and the server."""
+    import ast
+
+    from BraTSEnsembleLib import process
+
+    for path in (ROOT / "BraTSEnsembleLib" / "remote.py", ROOT / "BraTSEnsembleLib" / "process.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+        assert imported <= set(sys.stdlib_module_names) | {"__future__"}, (path.name, imported)
+    dependencies = process.project_dependencies((ROOT / "pyproject.toml").read_text())
+    assert not [d for d in dependencies if any(n in d.lower() for n in ("fastapi", "uvicorn", "multipart"))]
+    assert '".[test,server]"' in (ROOT / "Makefile").read_text()
