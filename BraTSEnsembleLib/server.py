@@ -392,8 +392,9 @@ def model_set_fingerprint(model_set: ModelSet) -> str:
     if model_set.manifest is not None and Path(model_set.manifest).is_file():
         digest.update(b"manifest\0" + Path(model_set.manifest).read_bytes())
     for member in model_set.members:
-        root = Path(str(member.describe().get("path", "")))
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
+        where = str(member.describe().get("path") or "")
+        root = Path(where)
+        files = [] if not where else [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
                                                        and p.name.lower().endswith(FINGERPRINT_SUFFIXES))
         digest.update(f"member\0{member.name}\0".encode())
         for path in files:
@@ -686,14 +687,17 @@ def exposure_warning(host: str) -> str | None:
 
 
 def load_service(args: argparse.Namespace, tokens: list[str], runner: Runner | None = None) -> Service:
-    """Load every model set once, fingerprint it and make the job queue (in a private temporary folder)."""
-    from .modelset import load_model_set
+    """Load every model set once (as ``predict --model-set`` loads it), fingerprint it and make the job queue (in a
+    private temporary folder)."""
+    from .cli import _model_set, build_parser
     from .pipeline import resolve_device
 
     device = resolve_device(args.device)
     model_sets: dict[str, ModelSet] = {}
+    trust = [option for path in args.trust_checkpoint for option in ("--trust-checkpoint", str(path))]
     for path in args.model_set:
-        model_set = load_model_set(path, trusted_checkpoints=args.trust_checkpoint)
+        model_set = _model_set(build_parser().parse_args(["predict", ".", "-o", ".", "--model-set", str(path),
+                                                          *trust]))
         other = [r for r in model_set.roles if r not in BRATS_ROLES]
         if other:
             raise UsageError(f"{path}: serve takes model sets on the BraTS sequences ({', '.join(BRATS_ROLES)}); "
