@@ -397,5 +397,7 @@ class RemoteRun:
             except RemoteError as exc:
                 if "no such job" not in str(exc):
                     LOG.warning("could not cancel job %s on %s: %s", job_id, self.client.url, exc)
-        self._thread.join(timeout=self.client.timeout + EVENTS_WAIT + 5)
+        # Not waiting for an upload in progress (the panel would freeze): the thread stops by itself and deletes
+        # a job it submitted after this point.
+        self._thread.join(timeout=EVENTS_WAIT + 1)
         self.poll()
