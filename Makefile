@@ -10,13 +10,13 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch first (a CPU wheel), then the project and its test extras under constraints.txt, which pins that torch:
+# torch first (a CPU wheel), then the project and its test and server extras under constraints.txt, which pins that torch:
 # nnunetv2 -> dynamic-network-architectures -> timm -> torchvision would otherwise pull a CUDA torch of ~6 GB.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -c constraints.txt -e ".[test]"
+	$(PIP) install --quiet -c constraints.txt -e ".[test,server]"
 	$(PY) -c "import torch, nnunetv2, cc3d, SimpleITK, slicerio; print('installed: torch', torch.__version__)"
 	touch $(STAMP)
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from .case import check_output_folder, discover_case_files, read_case_folder
+from .case import Case, check_output_folder, discover_case_files, read_case_folder
 from .cohort import (BUSY, SKIP, CaseSpec, PlannedCase, assign_case_ids, check_before_work, claim_case,
                      discover_cases, find_case_folders, plan_cases, result_provenance, with_case_id)
 from .downloads import register_models_command, run_models_command
@@ -26,7 +26,7 @@ from .ensemble import LABEL_RULES
 from .limits import (DEFAULT_MEMORY_BUDGET_GIB, SPACING_RANGE_MM, Limits, check_tile_step, check_weights,
                      memory_budget_bytes, use_limits)
 from .modelset import ModelSet, load_model_set, nnunet_model_set
-from .pipeline import ProgressEvent, resolve_device, segment_case, write_result
+from .pipeline import CancelCheck, ProgressEvent, resolve_device, segment_case, write_result
 from .postprocess import RULE_NAMES
 from .recipes import (Overrides, describe_recipe, fill_recipe, load_recipe, parse_role_paths, recipe_model_set,
                       recipe_names, recipe_roles)
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--model", "-m", action="append", default=[], metavar="ROLE=PATH")
     sub.add_parser("demo", help="segment the shipped phantom case with the shipped demo model set (no training)",
                    add_help=False)
+    sub.add_parser("serve", help="an HTTP server that segments uploaded cases with model sets loaded once "
+                                 "(docs/server.md; needs the [server] extra)", add_help=False)
     return parser
 
 
@@ -271,12 +273,20 @@ def _channel_names(args: argparse.Namespace, model_set: ModelSet) -> tuple[dict 
     return explicit, fallback
 
 
-def run_case(case: PlannedCase, replace: bool, out_dir: Path, model_set: ModelSet, device: Any,
-             args: argparse.Namespace, progress: Callable[[ProgressEvent], None]) -> dict[str, Path]:
-    """Read, segment and write one claimed case (its lock held); returns the written paths."""
+def read_case(case_dir: Path, model_set: ModelSet, args: argparse.Namespace) -> Case:
+    """Read and check one case folder as ``predict`` does before a model runs (``serve`` calls it too, to refuse a
+    bad upload at once)."""
     explicit, fallback = _channel_names(args, model_set)
-    image_case = with_case_id(read_case_folder(case.spec.folder, explicit, fallback), case.case_id)
-    result = segment_case(image_case, model_set, device, progress)
+    return read_case_folder(case_dir, explicit, fallback)
+
+
+def run_case(case: PlannedCase, replace: bool, out_dir: Path, model_set: ModelSet, device: Any,
+             args: argparse.Namespace, progress: Callable[[ProgressEvent], None],
+             cancel: CancelCheck | None = None) -> dict[str, Path]:
+    """Read, segment and write one claimed case (its lock held); returns the written paths. ``cancel``: see
+    :func:`segment_case`."""
+    image_case = with_case_id(read_case(case.spec.folder, model_set, args), case.case_id)
+    result = segment_case(image_case, model_set, device, progress, cancel)
     result.provenance.update(result_provenance(case))
     paths = write_result(result, out_dir, overwrite=replace, save_uncertainty=args.save_uncertainty)
     progress(ProgressEvent("written", case.case_id, 1.0, f"{paths['labels']} and {paths['statistics'].name}"))
@@ -288,8 +298,8 @@ WAIT_SECONDS = 1.0
 
 
 def segment_planned(planned: Sequence[PlannedCase], model_set: ModelSet, device: Any, args: argparse.Namespace,
-                    progress: Callable[[ProgressEvent], None], stop_on_error: bool = False
-                    ) -> tuple[dict[str, dict[str, Path]], list[str]]:
+                    progress: Callable[[ProgressEvent], None], stop_on_error: bool = False,
+                    cancel: CancelCheck | None = None) -> tuple[dict[str, dict[str, Path]], list[str]]:
     """Compute every planned case not done yet, each under its lock; wait for cases another process computes.
     Returns ({case id: result paths}, failures as 'folder: message'); with ``stop_on_error`` a failure raises."""
     out_dir = args.output
@@ -315,7 +325,7 @@ def segment_planned(planned: Sequence[PlannedCase], model_set: ModelSet, device:
                     assert claim.lock is not None
                     with claim.lock:
                         results[case.case_id] = run_case(case, claim.replace, out_dir, model_set, device, args,
-                                                         progress)
+                                                         progress, cancel)
             except Cancelled:
                 raise
             except BraTSEnsembleError as exc:
@@ -338,18 +348,26 @@ def _plan(specs: Sequence[CaseSpec], model_set: ModelSet, args: argparse.Namespa
     return planned, unreadable
 
 
+def predict_case(case_dir: Path, model_set: ModelSet, device: Any, args: argparse.Namespace,
+                 progress: Callable[[ProgressEvent], None], cancel: CancelCheck | None = None
+                 ) -> tuple[str, dict[str, Path]]:
+    """What ``predict`` does with one case folder into ``args.output`` (case id, fingerprint, lock, resume rules):
+    (case id, written paths). ``serve`` runs each job through it."""
+    explicit, fallback = _channel_names(args, model_set)
+    file_id, files = discover_case_files(case_dir, explicit, fallback)
+    planned, unreadable = _plan(assign_case_ids([(case_dir, file_id, files)]), model_set, args)
+    if unreadable:
+        raise next(iter(unreadable.values()))
+    results, _ = segment_planned(planned, model_set, device, args, progress, stop_on_error=True, cancel=cancel)
+    return planned[0].case_id, results[planned[0].case_id]
+
+
 def cmd_predict(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     check_output_folder(args.output)  # before any model is loaded or any case read
     model_set = _model_set(args)
     device = resolve_device(args.device)
-    explicit, fallback = _channel_names(args, model_set)
-    file_id, files = discover_case_files(args.case_dir, explicit, fallback)
-    planned, unreadable = _plan(assign_case_ids([(args.case_dir, file_id, files)]), model_set, args)
-    if unreadable:
-        raise next(iter(unreadable.values()))
-    results, _ = segment_planned(planned, model_set, device, args, progress, stop_on_error=True)
-    paths = results[planned[0].case_id]
-    progress(ProgressEvent("finished", planned[0].case_id, 1.0, "1 case done"))
+    case_id, paths = predict_case(args.case_dir, model_set, device, args, progress)
+    progress(ProgressEvent("finished", case_id, 1.0, "1 case done"))
     progress.close()
     if args.progress != "json":
         for kind, path in paths.items():
@@ -450,6 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo.run import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from .server import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "models":  # lists go to stdout, download bars to stderr
         return run_models_command(args)

@@ -85,6 +85,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise DeviceError(f"unknown device {name!r}; use auto, cpu or cuda")
 
 
+def check_roles(case: Case, model_set: ModelSet) -> None:
+    """Raise InputError when a member needs a sequence the case lacks (checked before any member runs)."""
+    for member in model_set.members:
+        ensure_roles_available(member.roles, case.roles, f"model {member.name}", case.description)
+
+
 def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "auto",
                  progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> Result:
     """Segment one case with a model set. Raises Cancelled when ``cancel()`` turns true between steps."""
@@ -96,8 +102,7 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
         if cancel is not None and cancel():
             raise Cancelled(f"case {case.case_id}: cancelled")
 
-    for member in model_set.members:  # every member's sequences are checked before any member runs
-        ensure_roles_available(member.roles, case.roles, f"model {member.name}", case.description)
+    check_roles(case, model_set)
     # the grid each member resamples the case to, against the memory budget (unusual spacings)
     check_model_grids(model_set.members, case.shape_zyx, case.spacing_zyx, case.description)
     started = time.perf_counter()

@@ -541,7 +541,8 @@ def test_parameter_names_in_the_ui_are_parameter_node_fields():
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = widget.get("class")
     assert set(bound) <= set(fields)
-    assert set(fields) - set(bound) == {"modelPaths"}  # the model list is synchronised by hand
+    # the model list and the server's model-set choice (filled by Connect) are synchronised by hand
+    assert set(fields) - set(bound) == {"modelPaths", "serverModelSet"}
     expected_class = {"vtkMRMLScalarVolumeNode": "qMRMLNodeComboBox", "vtkMRMLSegmentationNode": "qMRMLNodeComboBox",
                       "vtkMRMLTableNode": "qMRMLNodeComboBox", "bool": "QCheckBox", "str": "QLineEdit"}
     for name, widget_class in bound.items():
@@ -642,6 +643,9 @@ def render_panel(qt_app, path: Path) -> tuple[int, int]:
     find("deviceComboBox").addItems(["auto", "cuda", "cpu"])
     find("postprocessComboBox").addItems(["default", "ratio-adaptive", "min-size", "et-to-netc", "none"])
     find("checkpointComboBox").addItems(["final", "best"])
+    find("runOnComboBox").addItems(["this computer", "server"])
+    for name in ("serverUrlLineEdit", "serverTokenLineEdit", "serverModelSetComboBox", "serverConnectButton"):
+        find(name).setEnabled(False)  # as the module shows them while running on this computer
     # Ready to run (what the module shows once the four inputs and a model set are chosen). While a run is in
     # progress the sections are disabled, Cancel is enabled and a progress bar with the member/step is shown.
     find("applyButton").setEnabled(True)

@@ -223,9 +223,14 @@ class SegmentationLogic:
 
     def startSegmentation(self, volumesByRole, modelSet, device="auto", postprocess=None, folds=None,
                           checkpoint=None, mirroring=True, tile_step=None, include_derived=False, weights=None,
-                          save_uncertainty=False, trust=()):
-        """Export the volumes to a temporary case folder and start ``brats-ensemble predict`` (non-blocking).
+                          save_uncertainty=False, trust=(), server=None, token=None):
+        """Export the volumes to a temporary case folder and start ``brats-ensemble predict`` (non-blocking), or,
+        with ``server`` (``http://host:port``), send them to ``brats-ensemble serve`` there. ``trust``: files the
+        user trusts (passed as ``--trust-checkpoint``; a local run only).
 
+        Remote: ``modelSet`` is the name of a model set the server serves (None: its first); the server's set fixes
+        device, postprocessing, folds, checkpoint, mirroring, tile step and weights, so giving one is refused.
+        ``token``: the server's token (None: ``$BRATS_ENSEMBLE_TOKEN``).
         Returns a :class:`SegmentationRun`; poll ``run.process`` and call :meth:`finishSegmentation`.
         """
         process, _roles, _seg = importLibrary()
@@ -235,7 +240,24 @@ class SegmentationLogic:
         duplicates = process.duplicate_roles({r: n.GetID() for r, n in volumesByRole.items()})
         if duplicates:
             raise ValueError(f"the same volume is given for {', '.join('/'.join(g) for g in duplicates)}")
-        models = [modelSet] if isinstance(modelSet, (str, os.PathLike)) else list(modelSet)
+        remote = bool(server and str(server).strip())
+        if remote:
+            localOnly = {"device": device not in (None, "auto"),
+                         "postprocess": postprocess not in (None, "", "default"), "folds": bool(folds),
+                         "checkpoint": checkpoint not in (None, "final"), "mirroring": not mirroring,
+                         "tile_step": tile_step not in (None, 0.5), "weights": bool(weights),
+                         "trust": bool(trust)}
+            given = [name for name, isSet in localOnly.items() if isSet]
+            if given:
+                raise ValueError(f"{', '.join(given)}: not used with a server (its model set fixes them); leave them "
+                                 "at their defaults")
+            if modelSet is not None and not isinstance(modelSet, str):
+                raise ValueError("with a server, give the name of a model set it serves (or None for its first)")
+            from BraTSEnsembleLib import remote as remoteLibrary
+
+            client = remoteLibrary.ServerClient(server, token)  # a malformed URL or no token: refused before export
+        else:
+            models = [modelSet] if isinstance(modelSet, (str, os.PathLike)) else list(modelSet)
         caseId = self.caseIdFor(volumesByRole)
         tempDir = self._newTemporaryDirectory()
         try:
@@ -243,8 +265,15 @@ class SegmentationLogic:
             outDir = os.path.join(tempDir, "output")
             os.makedirs(caseDir)
             os.makedirs(outDir)
+            files = {role: os.path.join(caseDir, process.input_file_name(caseId, role)) for role in ROLES}
             for role in ROLES:
-                self.exportVolume(volumesByRole[role], os.path.join(caseDir, process.input_file_name(caseId, role)))
+                self.exportVolume(volumesByRole[role], files[role])
+            if remote:
+                logging.info("BraTSEnsemble: sending %s to %s", caseId, client.url)
+                runner = remoteLibrary.RemoteRun(client, files, caseId, outDir, model_set=modelSet or None,
+                                                 save_uncertainty=save_uncertainty)
+                return SegmentationRun(runner, tempDir, caseId, volumesByRole["t1c"], include_derived,
+                                       save_uncertainty)
             args = process.build_predict_command(
                 caseDir, outDir, models, python=process.python_executable(), weights=weights, device=device,
                 postprocess=postprocess, folds=folds, checkpoint=checkpoint, mirroring=mirroring,
@@ -295,8 +324,17 @@ class SegmentationLogic:
             if other is not None and other.GetScene() is not None:
                 self.scene.RemoveNode(other)
 
+    def serverInfo(self, server, token=None):
+        """What a server serves (``GET /``: model sets with members and fingerprints, limits, device); raises
+        ``BraTSEnsembleLib.remote.RemoteError`` saying why when it cannot be reached or refuses."""
+        importLibrary()
+        from BraTSEnsembleLib import remote as remoteLibrary
+
+        return remoteLibrary.ServerClient(server, token, timeout=15).info()
+
     def cancelSegmentation(self, run):
-        """Kill the process tree and delete the temporary files; the scene is not touched."""
+        """Stop the run (kill the process tree, or cancel the job on the server) and delete the temporary files;
+        the scene is not touched."""
         try:
             run.process.cancel()
         finally:
@@ -462,7 +500,8 @@ class SegmentationLogic:
         ``volumes_by_role``: {'t1n': node, 't1c': node, 't2w': node, 't2f': node}. ``model_set``: manifest path,
         results folder, or a list of them. Options: postprocess, folds, checkpoint, mirroring, tile_step,
         include_derived, weights, save_uncertainty, trust (files to trust, as --trust-checkpoint), outputSegmentation,
-        outputTable. With save_uncertainty=True the
+        outputTable. With ``server="http://…"`` (and ``token``) the case is segmented by ``brats-ensemble serve``
+        there: ``model_set`` then names one of the server's model sets (None: its first). With save_uncertainty=True the
         uncertainty heat-map volume is referenced from the segmentation node (node reference role
         'BraTSEnsemble.Uncertainty').
         """

@@ -13,6 +13,9 @@ from . import ROLES
 DEVICE_CHOICES = ["auto", "cuda", "cpu"]
 POSTPROCESS_CHOICES = ["default", "ratio-adaptive", "min-size", "et-to-netc", "none"]
 CHECKPOINT_CHOICES = ["final", "best"]
+#: Where a case is segmented: here (the CLI in a separate process) or by ``brats-ensemble serve`` on a server.
+RUN_HERE, RUN_ON_SERVER = "this computer", "server"
+RUN_ON_CHOICES = [RUN_HERE, RUN_ON_SERVER]
 
 
 
@@ -26,6 +29,8 @@ class BraTSEnsembleParameterNode:
     showDerivedRegions - also create TC and WT segments.
     showUncertainty - also compute the uncertainty map and show it as a heat map over the input.
     outputSegmentation, outputTable - chosen outputs (None: create new nodes).
+    runOn, serverUrl, serverModelSet - where to segment: this computer, or a ``brats-ensemble serve`` server and
+    the name of one of its model sets (the token is never stored: it would be saved with the scene).
     """
 
     t1n: vtkMRMLScalarVolumeNode
@@ -43,6 +48,9 @@ class BraTSEnsembleParameterNode:
     showUncertainty: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     outputTable: vtkMRMLTableNode
+    runOn: Annotated[str, Choice(RUN_ON_CHOICES)] = RUN_HERE
+    serverUrl: str = ""
+    serverModelSet: str = ""
 
     def volumesByRole(self):
         return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
@@ -60,3 +68,10 @@ class BraTSEnsembleParameterNode:
             "save_uncertainty": self.showUncertainty,
         }
 
+    def isRemote(self):
+        return self.runOn == RUN_ON_SERVER
+
+    def remoteOptions(self):
+        """Options for a run on a server (``startSegmentation(..., server=…)``): what its model set does not fix."""
+        return {"include_derived": self.showDerivedRegions, "save_uncertainty": self.showUncertainty,
+                "server": self.serverUrl.strip()}

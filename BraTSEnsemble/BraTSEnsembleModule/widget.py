@@ -55,6 +55,8 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.serverConnectButton.connect("clicked(bool)", self.onServerConnect)
+        self.ui.serverModelSetComboBox.connect("currentTextChanged(QString)", self.onServerModelSetChosen)
         self.ui.progressBar.setVisible(False)
 
         self.initializeParameterNode()
@@ -129,9 +131,23 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = ready and not running
         self.ui.applyButton.toolTip = reason if not ready else _("Run the ensemble on the four volumes.")
         self.ui.cancelButton.enabled = running
-        for name in ("inputsCollapsibleButton", "modelsCollapsibleButton", "optionsCollapsibleButton",
-                     "outputsCollapsibleButton"):
+        for name in ("inputsCollapsibleButton", "modelsCollapsibleButton", "runOnCollapsibleButton",
+                     "optionsCollapsibleButton", "outputsCollapsibleButton"):
             getattr(self.ui, name).enabled = not running
+        # On a server, its model set fixes the members and their options: only TC/WT and the heat map stay.
+        remote = bool(pn) and pn.isRemote()
+        for name in ("serverUrlLineEdit", "serverTokenLineEdit", "serverModelSetComboBox", "serverConnectButton"):
+            getattr(self.ui, name).enabled = remote
+        for name in ("modelsListWidget", "addModelFolderButton", "addModelFileButton", "addRecipeButton",
+                     "removeModelButton", "deviceComboBox", "postprocessComboBox", "tileStepSpinBox",
+                     "mirroringCheckBox", "foldsLineEdit", "checkpointComboBox"):
+            getattr(self.ui, name).enabled = not remote
+        if pn and self.ui.serverModelSetComboBox.currentText != pn.serverModelSet:
+            wasBlocked = self.ui.serverModelSetComboBox.blockSignals(True)
+            if self.ui.serverModelSetComboBox.findText(pn.serverModelSet) < 0 and pn.serverModelSet:
+                self.ui.serverModelSetComboBox.addItem(pn.serverModelSet)
+            self.ui.serverModelSetComboBox.setCurrentText(pn.serverModelSet)
+            self.ui.serverModelSetComboBox.blockSignals(wasBlocked)
 
     def _inputProblems(self):
         """(messages, resampling would help) for the current inputs."""
@@ -169,7 +185,10 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = [r for r in ROLES if getattr(pn, r) is None]
         if missing:
             return False, _("Select a volume for: {roles}").format(roles=", ".join(missing))
-        if not pn.modelPaths:
+        if pn.isRemote():
+            if not pn.serverUrl.strip():
+                return False, _("Enter the server's URL (Run on), or run on this computer.")
+        elif not pn.modelPaths:
             return False, _("Add a model set (manifest or nnU-Net results folder).")
         if problems:
             return False, problems[0]
@@ -272,6 +291,37 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if selected:
             self._parameterNode.modelPaths = [p for p in self._parameterNode.modelPaths if p not in selected]
 
+    # --- server
+
+    def onServerConnect(self) -> None:
+        """Ask the server what it serves; fill the model-set choice, or say in the panel why it cannot be used."""
+        pn = self._parameterNode
+        self.ui.serverStatusLabel.text = _("Connecting...")
+        slicer.app.processEvents()
+        try:
+            with slicer.util.WaitCursor():
+                info = self.logic.serverInfo(pn.serverUrl, self.ui.serverTokenLineEdit.text or None)
+        except Exception as exc:  # RemoteError (unreachable, refused) or a malformed URL
+            self.ui.serverStatusLabel.text = _("Cannot use the server: {error}").format(error=exc)
+            return
+        names = [m["name"] for m in info["model_sets"]]
+        wasBlocked = self.ui.serverModelSetComboBox.blockSignals(True)
+        self.ui.serverModelSetComboBox.clear()
+        self.ui.serverModelSetComboBox.addItems(names)
+        self.ui.serverModelSetComboBox.blockSignals(wasBlocked)
+        if pn.serverModelSet not in names:
+            pn.serverModelSet = names[0] if names else ""
+        self._updateGui()
+        sets = "; ".join(f"{m['name']} ({len(m['members'])} models, {m['fingerprint'][:19]}…)"
+                         for m in info["model_sets"])
+        self.ui.serverStatusLabel.text = _("Connected: brats-ensemble {version} on {device}. Model sets: {sets}. "
+                                           "The four volumes are sent to this server.").format(
+            version=info.get("version", "?"), device=info.get("device", "?"), sets=sets)
+
+    def onServerModelSetChosen(self, name) -> None:
+        if self._parameterNode and name and name != self._parameterNode.serverModelSet:
+            self._parameterNode.serverModelSet = name
+
     # --- dependencies
 
     def onInstallDependencies(self) -> None:
@@ -289,13 +339,18 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not self.logic.ensureDependencies(askConfirmation=True):
                     self.ui.statusLabel.text = _("Dependencies are not installed; nothing was run.")
                     return
-            trust = self._confirmTorchScript(list(pn.modelPaths))
+            trust = [] if pn.isRemote() else self._confirmTorchScript(list(pn.modelPaths))
             if trust is None:
                 self.ui.statusLabel.text = _("The TorchScript files were not trusted; nothing was run.")
                 return
             with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
-                self._run = self.logic.startSegmentation(pn.volumesByRole(), list(pn.modelPaths), trust=trust,
-                                                         **pn.options())
+                if pn.isRemote():
+                    self._run = self.logic.startSegmentation(
+                        pn.volumesByRole(), pn.serverModelSet or None, token=self.ui.serverTokenLineEdit.text or None,
+                        **pn.remoteOptions())
+                else:
+                    self._run = self.logic.startSegmentation(pn.volumesByRole(), list(pn.modelPaths), trust=trust,
+                                                             **pn.options())
             self.ui.progressBar.value = 0
             self.ui.progressBar.setVisible(True)
             self.ui.statusLabel.text = _("Starting...")
