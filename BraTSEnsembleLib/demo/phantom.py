@@ -76,8 +76,11 @@ def _ellipsoid(grid: tuple[np.ndarray, ...], centre: np.ndarray, radii: np.ndarr
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int],
                   lump_voxels: tuple[float, float, float]) -> np.ndarray:
     """Low-frequency random field in [-1, 1] (for lumpy tumour borders and bias fields); ``lump_voxels`` is the size
-    of its lumps in voxels per (z, y, x) axis."""
-    coarse = rng.standard_normal(tuple(max(2, int(s / c)) for s, c in zip(shape, lump_voxels))).astype(np.float32)
+    of its lumps in voxels per (z, y, x) axis.
+
+    The coarse grid has at least 4 samples per axis: ITK's cubic B-spline mirrors an out-of-range index only once,
+    so on a 2-sample axis it reads outside the buffer (garbage, sometimes NaN, in small phantoms)."""
+    coarse = rng.standard_normal(tuple(max(4, int(s / c)) for s, c in zip(shape, lump_voxels))).astype(np.float32)
     image = sitk.GetImageFromArray(coarse)
     resampled = sitk.Resample(
         image, [s for s in reversed(shape)], sitk.Transform(), sitk.sitkBSpline,
