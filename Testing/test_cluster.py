@@ -4,9 +4,10 @@ command line as a subprocess, tiny phantoms and the shipped nnU-Net v2 demo mode
 
 Rows: results equal to local ``batch`` (label maps and statistics.csv byte for byte, each JSON field but
 ``seconds``; a bad case reported once with the same error line; a case in NRRD); a worker killed (SIGKILL) inside
-a case; a driver killed (SIGKILL) between two renames and the cohort resumed (on ``--cluster auto``); Ctrl-C and
-SIGTERM to the driver. Light rows without a cluster: the worker layout, errors before any work, Ray stays out of
-the plain install and of the Slicer install.
+a case; a driver killed (SIGKILL) between two renames and the cohort resumed; Ctrl-C and SIGTERM to the driver.
+The three kinds of address are used: HOST:PORT, ray://HOST:PORT (Ray Client) and auto (a Ray instance of the run's
+own). Light rows without a cluster: the worker layout, errors before any work, Ray stays out of the plain install
+and of the Slicer install.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -116,9 +118,10 @@ def ray_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(ray_env: dict[str, str]) -> str:
+def ray_cluster(ray_env: dict[str, str]) -> dict[str, str]:
     """A Ray head (no CPU: it only coordinates) and two worker nodes with one CPU each, each its own processes on
-    127.0.0.1, with small object stores; its address."""
+    127.0.0.1, with small object stores; its addresses: ``gcs`` (HOST:PORT, a driver joins the cluster) and
+    ``client`` (ray://HOST:PORT, Ray Client: a driver outside the cluster)."""
     with pytest.MonkeyPatch.context() as patch:
         for key, value in {**RAY_ENV, "RAY_TMPDIR": ray_env["RAY_TMPDIR"]}.items():
             patch.setenv(key, value)
@@ -127,12 +130,15 @@ def ray_cluster(ray_env: dict[str, str]) -> str:
 
         assert not ray_constants.ENABLE_RAY_CLUSTER, "Ray was imported before this file could keep it on 127.0.0.1"
         node = {"node_ip_address": "127.0.0.1", "object_store_memory": 100 * 1024**2}
-        cluster = cluster_utils.Cluster(initialize_head=True,
-                                        head_node_args={"num_cpus": 0, "include_dashboard": False, **node})
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            client_port = probe.getsockname()[1]
+        cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": False, "ray_client_server_port": client_port, **node})
         try:
             for _ in range(2):
                 cluster.add_node(num_cpus=1, **node)
-            yield cluster.address
+            yield {"gcs": cluster.address, "client": f"ray://127.0.0.1:{client_port}"}
         finally:
             cluster.shutdown()
 
@@ -179,7 +185,7 @@ def good_cohort(cohort: Path, target: Path) -> Path:
 def test_results_on_a_cluster_are_the_files_local_batch_writes(tmp_path, cohort, local_batch, ray_cluster, ray_env):
     local_out, local_run = local_batch
     out = tmp_path / "out"
-    run = cli("batch", cohort, "-o", out, *MODEL, "--progress", "json", "--cluster", ray_cluster, *CLUSTER,
+    run = cli("batch", cohort, "-o", out, *MODEL, "--progress", "json", "--cluster", ray_cluster["gcs"], *CLUSTER,
               env=ray_env)
     assert run.returncode == local_run.returncode == 1, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
@@ -204,11 +210,12 @@ def test_results_on_a_cluster_are_the_files_local_batch_writes(tmp_path, cohort,
 
 def test_a_worker_killed_inside_a_case_costs_that_case_a_retry_on_another_worker(tmp_path, cohort, local_batch,
                                                                                   ray_cluster, ray_env):
+    """Through Ray Client (ray://): the driver outside the cluster, as on a laptop in front of a GPU cluster."""
     cases = good_cohort(cohort, tmp_path / "cohort")
     out = tmp_path / "out"
     marker = tmp_path / "stopped-worker"
     run = subprocess.Popen(cli_command("batch", cases, "-o", out, *MODEL, "--progress", "json", "--cluster",
-                                       ray_cluster, *CLUSTER), cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                       ray_cluster["client"], *CLUSTER), cwd=ROOT, text=True, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, env={**ray_env, TEST_WORKER_STOP_ENV: str(marker)})
     try:
         pid = worker_pid(marker)
@@ -240,7 +247,7 @@ def test_a_driver_killed_between_two_renames_is_resumed(tmp_path, cohort, local_
     cases = good_cohort(cohort, tmp_path / "cohort")
     out = tmp_path / "out"
     first = subprocess.Popen(cli_command("batch", cases, "-o", out, *MODEL, "--progress", "none", "--cluster",
-                                         ray_cluster, *CLUSTER, "--workers", "1"), cwd=ROOT,
+                                         ray_cluster["gcs"], *CLUSTER, "--workers", "1"), cwd=ROOT,
                              env={**ray_env, TEST_STOP_AFTER_ENV: f"{GOOD[1]}.nii.gz"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -272,7 +279,7 @@ def test_ctrl_c_stops_the_clusters_work_and_leaves_no_partial_files(tmp_path, co
     out = tmp_path / "out"
     marker = tmp_path / "stopped-worker"
     run = subprocess.Popen(cli_command("batch", cases, "-o", out, *MODEL, "--progress", "json", "--cluster",
-                                       ray_cluster, *CLUSTER, "--workers", "1"), cwd=ROOT, text=True,
+                                       ray_cluster["gcs"], *CLUSTER, "--workers", "1"), cwd=ROOT, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            env={**ray_env, TEST_WORKER_STOP_ENV: str(marker)})
     try:
