@@ -189,6 +189,30 @@ def _remove_folders_of_dead_workers() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _one_worker_at_a_time() -> Iterator[None]:
+    """The workers of one node build their model sets one after the other, so that the first downloads a
+    manifest's archives into the node's cache and the others find them there (two processes downloading the same
+    archive would write into the same partial file). An flock in the cache folder; none where it cannot be had."""
+    from .downloads import default_cache_dir
+
+    handle = None
+    try:
+        import fcntl
+
+        folder = default_cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".cluster-worker.lock", "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except (ImportError, OSError):  # Windows, or a cache folder that cannot be written: a download would say so
+        pass
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the flock
+
+
 class CaseWorker:
     """Loads the model set once (``model_factory()``, on this node: the same model paths, or the manifest's urls
     downloaded into this node's cache) and checks that its model files are the driver's (``models``, the models
@@ -210,7 +234,8 @@ class CaseWorker:
 
                 torch.set_num_threads(threads)
             self.device = resolve_device(device)
-            self.model_set = model_factory()
+            with _one_worker_at_a_time():
+                self.model_set = model_factory()
             own = model_set_fingerprint(self.model_set)
             if own != dict(models):
                 differences = fingerprint_differences(case_fingerprint({}, models), case_fingerprint({}, own))

@@ -12,6 +12,7 @@ and of the Slicer install.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import re
@@ -21,7 +22,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,7 @@ import SimpleITK as sitk
 from BraTSEnsembleLib import process
 from BraTSEnsembleLib.cluster import TEST_WORKER_STOP_ENV, ClusterError, worker_layout
 from BraTSEnsembleLib.demo.phantom import make_phantom
+from BraTSEnsembleLib.downloads import CACHE_ENV
 from BraTSEnsembleLib.results import TEST_STOP_AFTER_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,9 +125,11 @@ def ray_env() -> dict[str, str]:
 def ray_cluster(ray_env: dict[str, str]) -> dict[str, str]:
     """A Ray head (no CPU: it only coordinates) and two worker nodes with one CPU each, each its own processes on
     127.0.0.1, with small object stores; its addresses: ``gcs`` (HOST:PORT, a driver joins the cluster) and
-    ``client`` (ray://HOST:PORT, Ray Client: a driver outside the cluster)."""
+    ``client`` (ray://HOST:PORT, Ray Client: a driver outside the cluster), and ``cache``, the download cache of
+    both worker nodes (as two nodes of one machine share theirs)."""
+    cache = Path(ray_env["RAY_TMPDIR"]) / "worker-cache"
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in {**RAY_ENV, "RAY_TMPDIR": ray_env["RAY_TMPDIR"]}.items():
+        for key, value in {**RAY_ENV, "RAY_TMPDIR": ray_env["RAY_TMPDIR"], CACHE_ENV: str(cache)}.items():
             patch.setenv(key, value)
         cluster_utils = pytest.importorskip("ray.cluster_utils")
         from ray._private import ray_constants
@@ -138,7 +144,7 @@ def ray_cluster(ray_env: dict[str, str]) -> dict[str, str]:
         try:
             for _ in range(2):
                 cluster.add_node(num_cpus=1, **node)
-            yield {"gcs": cluster.address, "client": f"ray://127.0.0.1:{client_port}"}
+            yield {"gcs": cluster.address, "client": f"ray://127.0.0.1:{client_port}", "cache": cache}
         finally:
             cluster.shutdown()
 
@@ -171,9 +177,9 @@ def local_batch(cohort: Path, ray_env: dict[str, str], tmp_path_factory: pytest.
     return out, run
 
 
-def good_cohort(cohort: Path, target: Path) -> Path:
+def good_cohort(cohort: Path, target: Path, case_ids: tuple[str, ...] = GOOD) -> Path:
     target.mkdir(parents=True)
-    for case_id in GOOD:
+    for case_id in case_ids:
         shutil.copytree(cohort / case_id, target / case_id)
     return target
 
@@ -202,6 +208,62 @@ def test_results_on_a_cluster_are_the_files_local_batch_writes(tmp_path, cohort,
     assert (out / "statistics.csv").read_bytes() == (local_out / "statistics.csv").read_bytes()
     same_results(local_out, out, [*GOOD, NRRD_CASE], cohort, cohort)
     assert not leftovers(out)
+
+
+class SlowServer(ThreadingHTTPServer):
+    """Serves one archive as /demo.zip, its body a few seconds after the headers (so that two workers that
+    downloaded it at once would overlap), and records the requests."""
+
+    daemon_threads = True
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(("127.0.0.1", 0), SlowHandler)
+        self.data, self.requests = data, []
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/demo.zip"
+
+
+class SlowHandler(BaseHTTPRequestHandler):
+    server: SlowServer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.server.requests.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.server.data)))
+        self.end_headers()
+        time.sleep(3)
+        self.wfile.write(self.server.data)
+
+
+def test_models_are_downloaded_on_the_workers_from_the_manifests_url(tmp_path, cohort, local_batch, ray_cluster,
+                                                                      ray_env):
+    """A manifest member whose folder no machine has, with url and sha256: the driver downloads it into its cache,
+    the worker nodes into theirs (their workers one after the other: one download for the two nodes that share a
+    cache here). The labels are local batch's; the JSON names the model folder as the driver has it."""
+    archive = Path(shutil.make_archive(str(tmp_path / "demo"), "zip", root_dir=DEMO_NNUNET.parent,
+                                       base_dir=DEMO_NNUNET.name))
+    server = SlowServer(archive.read_bytes())
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        manifest = tmp_path / "demo-download.json"
+        manifest.write_text(json.dumps({"name": "demo-download", "members": [{
+            "framework": "nnunetv2", "path": "nowhere/model", "url": server.url,
+            "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(), "mirroring": False}]}))
+        cases = good_cohort(cohort, tmp_path / "cohort", GOOD[:2])
+        out, driver_cache = tmp_path / "out", tmp_path / "driver-cache"
+        run = cli("batch", cases, "-o", out, "--model-set", manifest, "--device", "cpu", "--progress", "json",
+                  "--cluster", ray_cluster["gcs"], *CLUSTER, env={**ray_env, CACHE_ENV: str(driver_cache)})
+    finally:
+        server.shutdown()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert server.requests == ["/demo.zip", "/demo.zip"], "the driver, then one worker of the two nodes"
+    assert list(ray_cluster["cache"].rglob("checkpoint_final.pth")) and list(driver_cache.rglob("checkpoint_final.pth"))
+    for case_id in GOOD[:2]:
+        assert (out / f"{case_id}.nii.gz").read_bytes() == (local_batch[0] / f"{case_id}.nii.gz").read_bytes()
+        member = json.loads((out / f"{case_id}.json").read_text())["members"][0]
+        assert member["path"].startswith(str(driver_cache)) and member["url"] == server.url
 
 
 # ================================================================================================================
