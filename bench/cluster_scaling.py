@@ -46,7 +46,7 @@ DEMO_NNUNET = ROOT / "BraTSEnsembleLib" / "demo" / "models" / "nnUNetTrainerAdam
 REAL_CASE = ROOT.parent / "shared" / "data" / "real" / "BraTS-GLI-00001-000"
 if not REAL_CASE.is_dir():
     REAL_CASE = Path("/work/shared/data/real/BraTS-GLI-00001-000")
-SHAPE = (40, 44, 40)
+SHAPE = (64, 72, 64)  # the demo phantoms' size: a few seconds per case on one core
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
 
 
