@@ -363,9 +363,11 @@ def ray_session(address: str) -> Iterator[Any]:
             ray.init(address=address, **options)
     except ClusterError:
         raise
-    except Exception as exc:
+    except BaseException as exc:  # a half-started instance is stopped again, also on Ctrl-C
         with contextlib.suppress(Exception):
             ray.shutdown()
+        if not isinstance(exc, Exception):
+            raise
         lines = str(exc).strip().splitlines()
         raise ClusterError(f"--cluster {address}: Ray could not {'start' if address == AUTO else 'connect'} "
                            f"({type(exc).__name__}: {lines[0] if lines else ''}). Check that this machine has the "
@@ -447,7 +449,6 @@ class _Worker:
     task: _Task | None = None
     info: dict[str, Any] = field(default_factory=dict)
     state: str = "starting"  # starting | idle | busy | gone
-    since: float = field(default_factory=time.monotonic)
 
     @property
     def name(self) -> str:

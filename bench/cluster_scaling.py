@@ -34,13 +34,12 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from BraTSEnsembleLib.case import read_case_folder  # noqa: E402
+from BraTSEnsembleLib.case import discover_case_files, read_case_folder  # noqa: E402
 from BraTSEnsembleLib.cluster import CaseWorker, read_payload  # noqa: E402
 from BraTSEnsembleLib.cohort import assign_case_ids, plan_cases  # noqa: E402
-from BraTSEnsembleLib.case import discover_case_files  # noqa: E402
 from BraTSEnsembleLib.demo.phantom import make_phantom  # noqa: E402
 from BraTSEnsembleLib.pipeline import Result, write_result  # noqa: E402
-from BraTSEnsembleLib.results import case_fingerprint, input_fingerprint  # noqa: E402
+from BraTSEnsembleLib.results import input_fingerprint  # noqa: E402
 
 DEMO_NNUNET = ROOT / "BraTSEnsembleLib" / "demo" / "models" / "nnUNetTrainerAdam1en3__nnUNetPlans__3d_fullres"
 REAL_CASE = ROOT.parent / "shared" / "data" / "real" / "BraTS-GLI-00001-000"
