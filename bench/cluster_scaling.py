@@ -13,12 +13,15 @@ as Testing/test_cluster.py does), then:
    case's bytes to a worker on another node and a label map of its size back (serialisation and transfer), and
    what the driver does per case for a real BraTS case (read its files and check them against the fingerprint;
    write the result as local batch writes it);
-3. the load of the machine (``os.getloadavg``) before and after, because this 2-core machine is shared.
+3. a control without Ray: one local ``batch`` process on the cohort against two at once on its halves (one torch
+   thread each), interleaved with the cluster runs: what this machine gives a second process at that moment;
+4. the load of the machine (``os.getloadavg``) before and after, because this 2-core machine is shared.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import threading
 import os
 import shutil
 import statistics
@@ -64,31 +67,55 @@ def start_cluster(temp: str):
     return cluster
 
 
+def batch_command(cohort: Path, out: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "BraTSEnsembleLib.cli", "batch", str(cohort), "-o", str(out), "-m",
+            str(DEMO_NNUNET), "--no-mirroring", "--device", "cpu", "--progress", "json", *options]
+
+
+def timed_runs(commands: list[list[str]]) -> tuple[float, list[float], list[float]]:
+    """Run the commands at once; (wall time, times of case-start events, times of written events)."""
+    started = time.monotonic()
+    runs = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env={**os.environ}) for c in commands]
+    sent, written = [], []
+
+    def follow(run: subprocess.Popen) -> None:
+        for line in run.stdout:
+            if line.startswith("{"):
+                event = json.loads(line)["event"]
+                if event in ("case-start", "written"):
+                    (sent if event == "case-start" else written).append(time.monotonic())
+
+
+    threads = [threading.Thread(target=follow, args=(run,)) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread, run in zip(threads, runs):
+        thread.join()
+        if run.wait() != 0:
+            raise SystemExit(f"{' '.join(run.args)} failed (exit {run.returncode})")
+    return time.monotonic() - started, sorted(sent), sorted(written)
+
+
+def run_local(cohorts: list[Path], outs: list[Path]) -> dict:
+    """Control without Ray: one local batch process per cohort, all at once (one torch thread each)."""
+    wall, sent, written = timed_runs([batch_command(c, o) for c, o in zip(cohorts, outs)])
+    seconds = [json.loads(p.read_text())["seconds"] for o in outs for p in o.glob("*.json")]
+    steady = written[-1] - sent[0]
+    return {"local_processes": len(cohorts), "cases": len(written), "wall_s": round(wall, 2),
+            "cases_per_min_steady": round(len(written) / steady * 60, 2),
+            "segment_s_mean": round(statistics.mean(seconds), 2)}
+
+
 def run_batch(cohort: Path, out: Path, address: str, workers: int) -> dict:
     """One cluster run; the times of its progress events as they arrive."""
-    command = [sys.executable, "-m", "BraTSEnsembleLib.cli", "batch", str(cohort), "-o", str(out), "-m",
-               str(DEMO_NNUNET), "--no-mirroring", "--device", "cpu", "--progress", "json", "--cluster", address,
-               "--cpus-per-worker", "1", "--workers", str(workers)]
-    started = time.monotonic()
-    sent, written = [], []
-    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                          env={**os.environ}) as run:
-        for line in run.stdout:
-            if not line.startswith("{"):
-                continue
-            event = json.loads(line)
-            if event["event"] == "case-start":
-                sent.append(time.monotonic())
-            elif event["event"] == "written":
-                written.append(time.monotonic())
-    if run.returncode != 0:
-        raise SystemExit(f"batch --workers {workers} failed (exit {run.returncode})")
-    ended = time.monotonic()
+    wall, sent, written = timed_runs([batch_command(cohort, out, "--cluster", address, "--cpus-per-worker", "1",
+                                                    "--workers", str(workers))])
     seconds = [json.loads(p.read_text())["seconds"] for p in out.glob("*.json")]
     steady = written[-1] - sent[0]
-    return {"workers": workers, "cases": len(written), "wall_s": round(ended - started, 2),
+    return {"workers": workers, "cases": len(written), "wall_s": round(wall, 2),
             "steady_s": round(steady, 2), "cases_per_min_steady": round(len(written) / steady * 60, 2),
-            "cases_per_min_wall": round(len(written) / (ended - started) * 60, 2),
+            "cases_per_min_wall": round(len(written) / wall * 60, 2),
             "segment_s_mean": round(statistics.mean(seconds), 2),
             # what a case costs a worker beyond segment_case: the round trip, reading, and waiting for the driver
             "per_case_beyond_segment_s": round(steady * workers / len(written) - statistics.mean(seconds), 2)}
@@ -184,20 +211,30 @@ def main() -> int:
     cluster = start_cluster(temp)
     try:
         cohort = Path(temp) / "cohort"
+        halves = [Path(temp) / "half-1", Path(temp) / "half-2"]
         for index in range(args.cases):
             make_phantom(9300 + index, shape=SHAPE).write(cohort)
-        runs = []
+            shutil.copytree(cohort / f"Phantom-{9300 + index:05d}", halves[index % 2] / f"Phantom-{9300 + index:05d}")
+        runs, controls = [], []
         for round_ in range(args.rounds):
             for workers in ((1, 2) if round_ % 2 == 0 else (2, 1)):
                 out = Path(temp) / f"out-{round_}-{workers}"
                 runs.append(run_batch(cohort, out, cluster.address, workers))
                 print(json.dumps(runs[-1]), flush=True)
                 shutil.rmtree(out)
-        report["runs"] = runs
+                outs = [Path(temp) / f"local-{round_}-{workers}-{i}" for i in range(workers)]
+                controls.append(run_local([cohort] if workers == 1 else halves, outs))
+                print(json.dumps(controls[-1]), flush=True)
+                for out in outs:
+                    shutil.rmtree(out)
+        report["runs"], report["controls_without_ray"] = runs, controls
         one = [r["cases_per_min_steady"] for r in runs if r["workers"] == 1]
         two = [r["cases_per_min_steady"] for r in runs if r["workers"] == 2]
         report["cases_per_min_steady"] = {"1": round(statistics.mean(one), 2), "2": round(statistics.mean(two), 2)}
         report["ratio_2_to_1_steady"] = round(statistics.mean(two) / statistics.mean(one), 2)
+        report["control_ratio_2_to_1_steady"] = round(
+            statistics.mean(r["cases_per_min_steady"] for r in controls if r["local_processes"] == 2)
+            / statistics.mean(r["cases_per_min_steady"] for r in controls if r["local_processes"] == 1), 2)
         report["ratio_2_to_1_wall"] = round(
             statistics.mean(r["cases_per_min_wall"] for r in runs if r["workers"] == 2)
             / statistics.mean(r["cases_per_min_wall"] for r in runs if r["workers"] == 1), 2)
