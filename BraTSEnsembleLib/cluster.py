@@ -323,8 +323,8 @@ def _host_port(address: str) -> tuple[str, int] | None:
 
 
 def _check_reachable(address: str) -> None:
-    """Fail fast (instead of Ray's minutes of retries) when nothing answers at the address. For HOST:PORT Ray
-    connects to 127.0.0.1/localhost through this machine's network address; that is what is tried."""
+    """Fail fast (instead of Ray's minutes of retries) when nothing answers at the address. In HOST:PORT, Ray
+    replaces 127.0.0.1/localhost with this machine's network address: the address Ray will use is the one tried."""
     parsed = _host_port(address)
     if parsed is None:
         raise ClusterError(f"--cluster {address}: not an address; give auto, HOST:PORT (as `ray start --head` "
@@ -409,7 +409,7 @@ def worker_layout(nodes: Sequence[Mapping[str, Any]], device: str, cpus_per_work
         raise ClusterError("--device cuda: the Ray cluster has no GPU. Use --device cpu or auto, or add GPU nodes "
                            "(`ray start --address … --num-gpus N`).")
     if device != "cpu" and gpus > 0:
-        count, layout = gpus, WorkerLayout(gpus, 0, 1, None)
+        layout = WorkerLayout(gpus, 0, 1, None)
     else:
         cpus = [int(r.get("CPU", 0)) for r in resources]
         largest = max(cpus, default=0)
@@ -422,7 +422,7 @@ def worker_layout(nodes: Sequence[Mapping[str, Any]], device: str, cpus_per_work
             raise ClusterError(f"--cpus-per-worker {per}: no node of the Ray cluster has {per} CPU cores (the "
                                f"largest has {largest}); pass --cpus-per-worker {largest} or less.")
         layout = WorkerLayout(count, per, 0, per)
-    count = min(count, max_workers) if max_workers else count
+    count = min(layout.count, max_workers) if max_workers else layout.count
     return WorkerLayout(count, layout.num_cpus, layout.num_gpus, layout.threads)
 
 
