@@ -2,12 +2,12 @@
 processes on 127.0.0.1 (Ray's own multi-node test cluster, started once for this file), the real ``brats-ensemble``
 command line as a subprocess, tiny phantoms and the shipped nnU-Net v2 demo model.
 
-Rows: results equal to local ``batch`` (label maps and statistics.csv byte for byte, each JSON field but
-``seconds``; a bad case reported once with the same error line; a case in NRRD); a worker killed (SIGKILL) inside
-a case; a driver killed (SIGKILL) between two renames and the cohort resumed; Ctrl-C and SIGTERM to the driver.
-The three kinds of address are used: HOST:PORT, ray://HOST:PORT (Ray Client) and auto (a Ray instance of the run's
-own). Light rows without a cluster: the worker layout, errors before any work, Ray stays out of the plain install
-and of the Slicer install.
+Rows: results equal to local ``batch`` (label maps, uncertainty maps and statistics.csv byte for byte, each JSON
+field but ``seconds``; a bad case reported once with the same error line; a case in NRRD); model folders downloaded
+on the workers from a manifest's url; a worker killed (SIGKILL) inside a case; a driver killed (SIGKILL) between two
+renames and the cohort resumed; Ctrl-C and SIGTERM to the driver. The three kinds of address are used: HOST:PORT,
+ray://HOST:PORT (Ray Client) and auto (a Ray instance of the run's own). Light rows without a cluster: the worker
+layout, errors before any work, Ray stays out of the plain install and of the Slicer install.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ from BraTSEnsembleLib.results import TEST_STOP_AFTER_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_NNUNET = ROOT / "BraTSEnsembleLib" / "demo" / "models" / "nnUNetTrainerAdam1en3__nnUNetPlans__3d_fullres"
-MODEL = ("-m", str(DEMO_NNUNET), "--no-mirroring", "--device", "cpu")
+#: every run also writes the uncertainty maps, so that they are compared too
+MODEL = ("-m", str(DEMO_NNUNET), "--no-mirroring", "--device", "cpu", "--save-uncertainty")
 SHAPE = (40, 44, 40)  # tiny phantoms: a few seconds per case on one core
 GOOD = ("Phantom-09131", "Phantom-09132", "Phantom-09133")  # seeds 9131-9133, never used for training
 NRRD_CASE, BAD_CASE = "Phantom-09134", "Phantom-09135"
@@ -73,10 +74,12 @@ def leftovers(out: Path) -> list[Path]:
 
 
 def same_results(expected: Path, actual: Path, case_ids: list[str], cohort: Path, reference_cohort: Path) -> None:
-    """Label maps byte for byte; every JSON field equal except ``seconds`` (the time the case took, which no two
-    runs share); where the cohort lies (``case_folder``, ``inputs``) compared relative to the cohort folder."""
+    """Label and uncertainty maps byte for byte; every JSON field equal except ``seconds`` (the time the case took,
+    which no two runs share); where the cohort lies (``case_folder``, ``inputs``) compared relative to the cohort
+    folder."""
     for case_id in case_ids:
-        assert (actual / f"{case_id}.nii.gz").read_bytes() == (expected / f"{case_id}.nii.gz").read_bytes(), case_id
+        for name in (f"{case_id}.nii.gz", f"{case_id}_disagreement.nii.gz", f"{case_id}_entropy.nii.gz"):
+            assert (actual / name).read_bytes() == (expected / name).read_bytes(), name
         ours = (actual / f"{case_id}.json").read_text().replace(str(cohort), "COHORT")
         theirs = (expected / f"{case_id}.json").read_text().replace(str(reference_cohort), "COHORT")
         ours_json, theirs_json = json.loads(ours), json.loads(theirs)
