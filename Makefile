@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -c constraints.txt -e ".[test,server]"
-	$(PY) -c "import torch, nnunetv2, cc3d, SimpleITK, slicerio; print('installed: torch', torch.__version__)"
+	$(PIP) install --quiet -c constraints.txt -e ".[test,server,cluster]"
+	$(PY) -c "import torch, nnunetv2, cc3d, SimpleITK, slicerio, ray; print('installed: torch', torch.__version__)"
 	touch $(STAMP)
 
 demo: setup

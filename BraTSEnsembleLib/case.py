@@ -254,9 +254,9 @@ def case_from_images(case_id: str, images: Mapping[str, sitk.Image], sources: Ma
     return Case(case_id, dict(images), {r: sources.get(r, r) for r in images})
 
 
-def case_from_files(case_id: str, files: Mapping[str, str | Path]) -> Case:
-    """Read and validate one file per role. One file given for two roles (the same path, a symbolic or a hard link
-    to it) is refused before anything is read."""
+def check_distinct_files(files: Mapping[str, str | Path]) -> None:
+    """Refuse one file given for two roles (the same path, a symbolic or a hard link to it), before anything is
+    read. A file that cannot be looked at is left to the reader, which names it."""
     seen: dict[tuple[int, int], tuple[str, str | Path]] = {}
     for role, path in files.items():
         try:
@@ -271,6 +271,12 @@ def case_from_files(case_id: str, files: Mapping[str, str | Path]) -> Case:
                 f"it is given for both {first_role} and {role}. Each sequence needs its own file."
             )
         seen[identity] = (role, path)
+
+
+def case_from_files(case_id: str, files: Mapping[str, str | Path]) -> Case:
+    """Read and validate one file per role. One file given for two roles (the same path, a symbolic or a hard link
+    to it) is refused before anything is read."""
+    check_distinct_files(files)
     images = {role: read_image(path) for role, path in files.items()}
     return case_from_images(case_id, images, {role: str(path) for role, path in files.items()})
 
@@ -367,8 +373,13 @@ def read_case_folder(folder: str | Path, channel_names: Mapping[str, str] | None
                      fallback_channel_names: Mapping[str, str] | None = None) -> Case:
     """Read a case folder in BraTS 2023+, BraTS 2020/21 or nnU-Net naming (see :func:`discover_case_files`)."""
     case_id, files = discover_case_files(folder, channel_names, fallback_channel_names)
-    ordered = {role: files[role] for role in sorted(files, key=lambda r: (BRATS_ROLES + (r,)).index(r))}
-    return case_from_files(case_id, ordered)
+    return case_from_files(case_id, in_role_order(files))
+
+
+def in_role_order(files: Mapping[str, Any]) -> dict[str, Any]:
+    """``files`` by role in the order a case is read: BraTS roles first (t1n, t1c, t2w, t2f), others after them as
+    given (the order decides the reference image and the order of the roles in a result's JSON)."""
+    return {role: files[role] for role in sorted(files, key=lambda r: (BRATS_ROLES + (r,)).index(r))}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from .case import Case, check_output_folder, discover_case_files, read_case_folder
+from .cluster import add_cluster_options, check_cluster_options, run_on_cluster
 from .cohort import (BUSY, SKIP, CaseSpec, PlannedCase, assign_case_ids, check_before_work, claim_case,
                      discover_cases, find_case_folders, plan_cases, result_provenance, with_case_id)
 from .downloads import register_models_command, run_models_command
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("cohort_dir", type=Path, metavar="COHORT_DIR")
     batch.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR")
     _add_model_options(batch)
+    add_cluster_options(batch)
     evaluate = sub.add_parser("evaluate", help="score predictions against ground truth (BraTS lesion-wise metrics)",
                               description="Layouts, protocols and how each number relates to the official BraTS "
                                           "evaluation code: docs/evaluation.md.")
@@ -378,8 +381,9 @@ def cmd_predict(args: argparse.Namespace, progress: ProgressPrinter) -> int:
 def cmd_batch(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     folders = find_case_folders(args.cohort_dir, args.output)
     check_output_folder(args.output)
+    check_cluster_options(args)
     model_set = _model_set(args)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device) if args.cluster is None else None  # on a cluster: the workers'
     explicit, fallback = _channel_names(args, model_set)
     specs, unusable = discover_cases(folders, lambda folder: discover_case_files(folder, explicit, fallback))
     planned, unreadable = _plan(specs, model_set, args)
@@ -388,7 +392,10 @@ def cmd_batch(args: argparse.Namespace, progress: ProgressPrinter) -> int:
         failures.append(f"{folder.name}: {exc}")
         progress(ProgressEvent("error", folder.name, 1.0, str(exc)))
         print(f"error: {exc}", file=sys.stderr)
-    _, failed = segment_planned(planned, model_set, device, args, progress)
+    if args.cluster is None:
+        _, failed = segment_planned(planned, model_set, device, args, progress)
+    else:  # the workers build the model set as this process did (docs/cluster.md)
+        _, failed = run_on_cluster(planned, model_set, functools.partial(_model_set, args), args, progress)
     failures += failed
     csv_path, found = write_statistics_table(args.output)
     progress(ProgressEvent("finished", "", 1.0, f"{len(folders) - len(failures)}/{len(folders)} case(s) done"))
