@@ -124,6 +124,12 @@ class ProgressPrinter:
         self._cases_done = 0
 
     def __call__(self, event: ProgressEvent) -> None:
+        if event.event == "warning":  # on stderr in every mode (and as a JSON line too with --progress json)
+            if self._bar is not None:
+                self._bar.write(f"warning: {event.message}", file=self.stderr)
+            else:
+                self.stderr.write(f"warning: {event.message}\n")
+                self.stderr.flush()
         if self.mode == "json":
             self.stdout.write(json.dumps(event.as_dict()) + "\n")
             self.stdout.flush()
@@ -202,9 +208,9 @@ def run_case(case_dir: Path, out_dir: Path, model_set: ModelSet, device: Any, ar
              progress: Callable[[ProgressEvent], None]) -> dict[str, Path]:
     """Read, segment and write one case; returns the written paths."""
     explicit, fallback = _channel_names(args, model_set)
-    case_id, _ = discover_case_files(case_dir, explicit, fallback)
+    case_id, _ = discover_case_files(case_dir, explicit, fallback, roles=model_set.roles)
     check_outputs_free(out_dir, case_id, args.overwrite)
-    case = read_case_folder(case_dir, explicit, fallback)
+    case = read_case_folder(case_dir, explicit, fallback, roles=model_set.roles)
     result = segment_case(case, model_set, device, progress)
     paths = write_result(result, out_dir, overwrite=args.overwrite, save_uncertainty=args.save_uncertainty)
     progress(ProgressEvent("written", case.case_id, 1.0, f"{paths['labels']} and {paths['statistics'].name}"))
@@ -256,7 +262,7 @@ def cmd_batch(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     explicit, fallback = _channel_names(args, model_set)
     for folder in folders:
         try:
-            case_id, _ = discover_case_files(folder, explicit, fallback)
+            case_id, _ = discover_case_files(folder, explicit, fallback, roles=model_set.roles)
             if output_paths(args.output, case_id)["statistics"].exists() and not args.overwrite:
                 progress(ProgressEvent("case-skipped", case_id, 1.0, "done already"))
                 continue

@@ -19,6 +19,7 @@ from . import __version__
 from .case import Case, StagedFiles, write_json, write_label_map, write_scalar_map
 from .ensemble import ARGMAX, StreamingEnsemble, fused_labels, fusion_space
 from .errors import Cancelled, DeviceError, OutputError
+from .hounsfield import ct_warnings
 from .modelset import ModelSet
 from .postprocess import apply_steps
 from .roles import ensure_roles_available
@@ -30,7 +31,8 @@ from .uncertainty import VoteCounter, member_agreement, normalised_entropy, summ
 class ProgressEvent:
     """One progress report. ``fraction`` is the share of the case done (0–1)."""
 
-    event: str  # case-start, member-start, member-step, member-done, postprocess, written, case-skipped, error, finished
+    event: str  # case-start, warning, member-start, member-step, member-done, postprocess, written, case-skipped,
+    #             error, finished
     case: str
     fraction: float
     message: str
@@ -91,6 +93,9 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
         ensure_roles_available(member.roles, case.roles, f"model {member.name}", case.description)
     started = time.perf_counter()
     emit(ProgressEvent("case-start", case.case_id, 0.0, f"{n} model(s) on {torch_device}"))
+    input_warnings = ct_warnings(case)  # inputs that run without error but may give a wrong answer
+    for message in input_warnings:
+        emit(ProgressEvent("warning", case.case_id, 0.0, message))
     ensemble = StreamingEnsemble(space=fusion_space(model_set.members))
     votes = VoteCounter()
     member_labels: list[np.ndarray] = []
@@ -131,6 +136,7 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
         "member_agreement": _agreement_records(model_set, member_labels, labels),
         "device": str(torch_device),
         "inputs": {role: case.source(role) for role in case.roles},
+        **({"input_warnings": input_warnings} if input_warnings else {}),
         "software": {"brats_ensemble": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "seconds": round(time.perf_counter() - started, 2),
     }
