@@ -32,7 +32,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
     choice = group.add_mutually_exclusive_group(required=True)
     choice.add_argument("--model", "-m", action="append", metavar="PATH",
-                        help="nnU-Net v2 results folder (Trainer__Plans__configuration); repeat for an ensemble; "
+                        help="nnU-Net v2 results folder (Trainer__Plans__configuration; a 3d_cascade_fullres folder "
+                             "brings its 3d_lowres stage from beside it); repeat for an ensemble; "
                              "with --recipe: ROLE=PATH for each of the recipe's roles")
     choice.add_argument("--model-set", metavar="FILE", type=Path,
                         help="model-set manifest (JSON): members of any framework with their folds, options, "
