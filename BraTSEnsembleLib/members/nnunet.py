@@ -50,9 +50,12 @@ def _read_json(path: Path) -> dict:
             "dataset.json, plans.json and fold_N/checkpoint_final.pth; point --model at that folder."
         )
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: is not a JSON object; copy it from the nnU-Net results folder")
+    return data
 
 
 # Region names of region-based datasets → canonical BraTS region; first match wins (TC before ET: "core").

@@ -42,7 +42,7 @@ def previous_stage_name(plans: dict, configuration: str, where: Path) -> str | N
 
     try:
         previous = PlansManager(plans).get_configuration(configuration).previous_stage_name
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise ModelError(f"{where}: configuration {configuration!r} cannot be read ({exc})") from exc
     if previous is not None and not isinstance(previous, str):
         raise ModelError(f"{where}: configuration {configuration!r} names previous_stage {previous!r}, not a "
@@ -50,23 +50,22 @@ def previous_stage_name(plans: dict, configuration: str, where: Path) -> str | N
     return previous
 
 
-def has_cascade(plans: dict) -> bool:
-    """True when some configuration of the plans names a previous stage (only then can a folder be a cascade)."""
-    configurations = plans.get("configurations")
-    return isinstance(configurations, dict) and any(
-        isinstance(c, dict) and ("previous_stage" in c or "inherits_from" in c) for c in configurations.values())
-
-
 def stage_configuration(model_dir: Path, plans: dict, first_checkpoint: Path | None,
                         trusted: bool) -> tuple[str | None, str | None]:
     """``(configuration, previous stage)`` of a results folder, known before its weights are loaded.
 
-    The configuration is the one the folder's name names, else (only when the plans have a cascade at all) the one
-    its first checkpoint was trained with; None when neither tells. The previous stage is None for anything but a
-    cascade's second stage."""
+    The configuration is the one the folder's name names (``Trainer__Plans__configuration``), else the one its first
+    checkpoint was trained with (a renamed folder), which the plans must have; None when there is no checkpoint to
+    ask. The previous stage is None for anything but a cascade's second stage."""
+    if not isinstance(plans.get("configurations"), dict):
+        return None, None  # not nnU-Net plans: refused when the network is built from them
     configuration = folder_configuration(model_dir, plans)
-    if configuration is None and has_cascade(plans) and first_checkpoint is not None and first_checkpoint.is_file():
+    if configuration is None and first_checkpoint is not None and first_checkpoint.is_file():
         configuration = checkpoint_configuration(first_checkpoint, trusted)
+        if configuration not in plans["configurations"]:
+            raise ModelError(f"{model_dir / 'plans.json'}: has no configuration {configuration!r} that "
+                             f"{first_checkpoint} was trained with; copy plans.json from the results folder the "
+                             "checkpoints were trained in.")
     if configuration is None:
         return None, None
     return configuration, previous_stage_name(plans, configuration, model_dir / "plans.json")
@@ -74,8 +73,8 @@ def stage_configuration(model_dir: Path, plans: dict, first_checkpoint: Path | N
 
 def checkpoint_configuration(checkpoint_path: Path, trusted: bool) -> str:
     """The configuration a checkpoint was trained with (``init_args.configuration``)."""
-    checkpoint = load_checkpoint(checkpoint_path, trusted=trusted)
-    configuration = checkpoint.get("init_args", {}).get("configuration") if isinstance(checkpoint, dict) else None
+    init_args = load_checkpoint(checkpoint_path, trusted=trusted).get("init_args")
+    configuration = init_args.get("configuration") if isinstance(init_args, dict) else None
     if not isinstance(configuration, str):
         raise ModelError(f"{checkpoint_path}: not an nnU-Net v2 checkpoint (no init_args.configuration)")
     return configuration
