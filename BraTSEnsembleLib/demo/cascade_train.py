@@ -149,8 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpu-memory", type=float, default=0.05,
                         help="the planner's GPU memory target in GB (small: small patches, hence a cascade)")
     parser.add_argument("--epochs", type=int, default=24,
-                        help="epochs of 3d_lowres (its lesions appear after about 300-450 iterations)")
-    parser.add_argument("--cascade-epochs", type=int, default=6,
+                        help="epochs of 3d_lowres (its lesions appear after about 300-400 iterations)")
+    parser.add_argument("--cascade-epochs", type=int, default=10,
                         help="epochs of 3d_cascade_fullres (it starts from the 3d_lowres segmentation)")
     parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
     parser.add_argument("--base-features", type=int, default=4)

@@ -111,14 +111,15 @@ def make_ct_phantom(seed: int, shape: tuple[int, int, int] = (48, 64, 64),
 
 def _lesion_position(rng: np.random.Generator, centre: np.ndarray, brain: np.ndarray, radius: float,
                      placed: list[tuple[np.ndarray, float]]) -> np.ndarray:
-    """A lesion centre (mm) inside the brain, at least 2.2 × (sum of radii) + 4 mm from the lesions placed already
-    (so each metastasis is its own connected component); the draw with the widest gap when none of 200 is."""
+    """A lesion centre (mm) inside the brain whose lesion (up to 1.15 radii from its centre) keeps at least 4 mm from
+    the lesions placed already, so that each metastasis is its own connected component; the draw with the widest gap
+    when none of 200 does."""
     best, best_gap = centre, -np.inf
     for _ in range(200):
         direction = rng.normal(size=3)
         direction /= np.linalg.norm(direction)
-        position = centre + direction * rng.uniform(0.1, 0.85) * (brain - 2.0 * radius)
-        gap = min((float(np.linalg.norm(position - other)) - 2.2 * (radius + r) for other, r in placed),
+        position = centre + direction * rng.uniform(0.0, 1.0) * (brain - 1.2 * radius)
+        gap = min((float(np.linalg.norm(position - other)) - 1.15 * (radius + r) for other, r in placed),
                   default=np.inf)
         if gap > 4.0:
             return position
