@@ -22,7 +22,8 @@ import SimpleITK as sitk
 from .errors import InputError, OutputError
 from .headers import check_image_header
 from .limits import check_direction, check_spacing
-from .roles import BRATS2021_SUFFIXES, BRATS2023_SUFFIXES, BRATS_ROLES, channel_role
+from .roles import (BRATS2021_SUFFIXES, BRATS2023_SUFFIXES, BRATS_ROLES, NAMED_FILE_ROLES, channel_role,
+                    role_file_suffixes)
 
 NIFTI_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -299,11 +300,13 @@ def find_dataset_json(folder: Path, levels: int = 2) -> Path | None:
 
 
 def discover_case_files(folder: str | Path, channel_names: Mapping[str, str] | None = None,
-                        fallback_channel_names: Mapping[str, str] | None = None) -> tuple[str, dict[str, Path]]:
+                        fallback_channel_names: Mapping[str, str] | None = None, *,
+                        roles: Iterable[str] = ()) -> tuple[str, dict[str, Path]]:
     """Find the case id and one file per role in a case folder.
 
     Understands BraTS 2023+ (``<id>-t1n.nii.gz`` …), BraTS 2020/21 (``<id>_t1.nii.gz``, ``_t1ce``, ``_t2``,
-    ``_flair``) and nnU-Net naming (``<id>_0000.nii.gz`` …). nnU-Net channel numbers are turned into roles with
+    ``_flair``), other roles by name (``<id>-ct.nii.gz`` or ``<id>_ct.nii.gz``: CT, and the generic ``roles`` the
+    models need, such as ``adc``) and nnU-Net naming (``<id>_0000.nii.gz`` …). nnU-Net channel numbers are turned into roles with
     ``channel_names`` (a dataset.json ``channel_names`` dict) or, when not given, with a ``dataset.json`` found in
     the folder or its parents, else with ``fallback_channel_names`` (the command line passes the first model's, as
     files numbered for nnU-Net are usually numbered for the model at hand). Segmentation files (``-seg``, ``_seg``) are ignored.
@@ -319,8 +322,10 @@ def discover_case_files(folder: str | Path, channel_names: Mapping[str, str] | N
     found: dict[str, list[Path]] = {}
     ids: set[str] = set()
     nnunet_files: dict[int, Path] = {}
+    named_roles = role_file_suffixes((*NAMED_FILE_ROLES, *roles))
     for path, stem in stems.items():
-        match = _match_suffix(stem, BRATS2023_SUFFIXES) or _match_suffix(stem, BRATS2021_SUFFIXES)
+        match = (_match_suffix(stem, BRATS2023_SUFFIXES) or _match_suffix(stem, BRATS2021_SUFFIXES)
+                 or _match_suffix(stem, named_roles))
         if match:
             ids.add(match[0])
             found.setdefault(match[1], []).append(path)
@@ -356,7 +361,8 @@ def discover_case_files(folder: str | Path, channel_names: Mapping[str, str] | N
         names = ", ".join(p.name for p in stems) or "no image files"
         raise InputError(
             f"{folder}: no sequence files recognised (found: {names}). Name them <id>-t1n/-t1c/-t2w/-t2f.nii.gz "
-            "(BraTS 2023), <id>_t1/_t1ce/_t2/_flair.nii.gz (BraTS 2021) or <id>_0000.nii.gz … (nnU-Net)."
+            "(BraTS 2023), <id>_t1/_t1ce/_t2/_flair.nii.gz (BraTS 2021), <id>-ct.nii.gz (CT) or <id>_0000.nii.gz "
+            "… (nnU-Net)."
         )
     duplicates = {role: paths for role, paths in found.items() if len(paths) > 1}
     if duplicates:
@@ -370,9 +376,10 @@ def discover_case_files(folder: str | Path, channel_names: Mapping[str, str] | N
 
 
 def read_case_folder(folder: str | Path, channel_names: Mapping[str, str] | None = None,
-                     fallback_channel_names: Mapping[str, str] | None = None) -> Case:
-    """Read a case folder in BraTS 2023+, BraTS 2020/21 or nnU-Net naming (see :func:`discover_case_files`)."""
-    case_id, files = discover_case_files(folder, channel_names, fallback_channel_names)
+                     fallback_channel_names: Mapping[str, str] | None = None, *, roles: Iterable[str] = ()) -> Case:
+    """Read a case folder in BraTS 2023+, BraTS 2020/21, role-named or nnU-Net naming (see
+    :func:`discover_case_files`)."""
+    case_id, files = discover_case_files(folder, channel_names, fallback_channel_names, roles=roles)
     return case_from_files(case_id, in_role_order(files))
 
 

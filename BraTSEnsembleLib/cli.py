@@ -39,7 +39,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
     choice = group.add_mutually_exclusive_group(required=True)
     choice.add_argument("--model", "-m", action="append", metavar="PATH",
-                        help="nnU-Net v2 results folder (Trainer__Plans__configuration); repeat for an ensemble; "
+                        help="nnU-Net v2 results folder (Trainer__Plans__configuration; a 3d_cascade_fullres folder "
+                             "brings its 3d_lowres stage from beside it); repeat for an ensemble; "
                              "with --recipe: ROLE=PATH for each of the recipe's roles")
     choice.add_argument("--model-set", metavar="FILE", type=Path,
                         help="model-set manifest (JSON): members of any framework with their folds, options, "
@@ -280,7 +281,7 @@ def read_case(case_dir: Path, model_set: ModelSet, args: argparse.Namespace) -> 
     """Read and check one case folder as ``predict`` does before a model runs (``serve`` calls it too, to refuse a
     bad upload at once)."""
     explicit, fallback = _channel_names(args, model_set)
-    return read_case_folder(case_dir, explicit, fallback)
+    return read_case_folder(case_dir, explicit, fallback, roles=model_set.roles)
 
 
 def run_case(case: PlannedCase, replace: bool, out_dir: Path, model_set: ModelSet, device: Any,
@@ -385,7 +386,8 @@ def cmd_batch(args: argparse.Namespace, progress: ProgressPrinter) -> int:
     model_set = _model_set(args)
     device = resolve_device(args.device) if args.cluster is None else None  # on a cluster: the workers'
     explicit, fallback = _channel_names(args, model_set)
-    specs, unusable = discover_cases(folders, lambda folder: discover_case_files(folder, explicit, fallback))
+    specs, unusable = discover_cases(folders, lambda folder: discover_case_files(folder, explicit, fallback,
+                                                                                        roles=model_set.roles))
     planned, unreadable = _plan(specs, model_set, args)
     failures: list[str] = []
     for folder, exc in {**unusable, **unreadable}.items():

@@ -34,7 +34,10 @@ Manifest format (every key; anything else is refused)::
                                             #   beyond it; see docs/security.md for the default caps)
         "class_labels": {"1": 2, "2": 1},   # mednext only: output channel → BraTS label (number or name)
         "channel_roles": ["t1n", …],        # mednext only: roles of the input channels
-        "size": "M", "kernel_size": 3}]}    # mednext only: when the trainer name does not tell them
+        "size": "M", "kernel_size": 3,      # mednext only: when the trainer name does not tell them
+        "previous_stage": "models/…/Trainer__Plans__3d_lowres",  # nnunetv2/umamba cascades only; default: the
+                                            #   plans' previous stage beside "path" (a 3d_cascade_fullres folder)
+        "previous_stage_folds": [0, 1]}]}   # its folds; default: "folds" when given, else every fold there
 
 The manifest is read bounded and exact (:mod:`BraTSEnsembleLib.jsonfiles`): at most 1 MiB, nested at most 32
 levels, and a key named twice in one object is refused.
@@ -59,7 +62,7 @@ from .labelsets import (BRATS_LABEL_SET, LabelSet, check_class_weights, check_po
                         common_label_set)
 from .limits import TILE_STEP_RANGE, WEIGHT_RANGE, check_tile_step, is_real_number, range_problem
 from .members.base import REGION_SPACE, Member
-from .members.nnunet import NnUNetMember
+from .members.nnunet import nnunet_member
 from .postprocess import Step, parse_steps
 from .trust import TrustedFiles
 
@@ -72,6 +75,8 @@ _TOP_KEYS = {"name", "description", "postprocess", "labels", "recipe", "demo", "
 _COMMON_MEMBER_KEYS = {"name", "framework", "path", "folds", "checkpoint", "mirroring", "tile_step", "weight",
                        "class_weights", "url", "sha256", "archive_size"}
 _MEDNEXT_KEYS = {"class_labels", "channel_roles", "size", "kernel_size"}
+#: nnU-Net v2 cascades (3d_cascade_fullres): the first stage's folder and folds (see members/nnunet_cascade.py)
+_CASCADE_KEYS = {"previous_stage", "previous_stage_folds"}
 _MEDNEXT_CHECKPOINTS = {"final": "model_final_checkpoint", "best": "model_best"}
 #: torchscript / monai members (one network file, see members/torchscript.py): no folds, checkpoint or tile_step;
 #: MONAI's sliding-window settings, the input roles and the meaning of the output channels instead.
@@ -80,7 +85,8 @@ _SLIDING_WINDOW_KEYS = (_COMMON_MEMBER_KEYS - {"folds", "checkpoint", "tile_step
     "normalization", "target_spacing", "axis_order"}
 #: The keys a member of each framework may have.
 _MEMBER_KEYS: dict[str, set[str]] = {
-    "nnunetv2": _COMMON_MEMBER_KEYS, "umamba": _COMMON_MEMBER_KEYS, "mednext": _COMMON_MEMBER_KEYS | _MEDNEXT_KEYS,
+    "nnunetv2": _COMMON_MEMBER_KEYS | _CASCADE_KEYS, "umamba": _COMMON_MEMBER_KEYS | _CASCADE_KEYS,
+    "mednext": _COMMON_MEMBER_KEYS | _MEDNEXT_KEYS,
     "torchscript": _SLIDING_WINDOW_KEYS, "monai": _SLIDING_WINDOW_KEYS | {"network"}}
 _SHA256_RE = re.compile(r"^(sha256:)?[0-9a-fA-F]{64}$")
 #: Free text copied into every result's JSON: the set's description and names are capped.
@@ -239,10 +245,9 @@ def nnunet_model_set(paths: Sequence[str | Path], weights: Sequence[float] | Non
     check_tile_step(tile_step_size)
     trust = TrustedFiles(trusted_checkpoints)  # each checkpoint is asked about on its own
     members: list[Member] = []
-    for path in paths:
-        model_dir = Path(path).expanduser().resolve()
-        members.append(NnUNetMember(model_dir, folds=folds, checkpoint=checkpoint, use_mirroring=use_mirroring,
-                                    tile_step_size=tile_step_size, trust_checkpoint=trust))
+    for path in paths:  # a cascade's second stage brings its first stage from beside it
+        members.append(nnunet_member(Path(path), folds=folds, checkpoint=checkpoint, use_mirroring=use_mirroring,
+                                     tile_step_size=tile_step_size, trust=trust))
     if postprocess is None:
         postprocess = default_postprocess(members) if members else DEFAULT_POSTPROCESS
     steps = _parse_postprocess(postprocess, "")
@@ -381,6 +386,18 @@ def _resolve_path(check: _Checker, raw: Mapping[str, Any], where: str, manifest_
                      "\"sha256\" so the model can be downloaded.")
 
 
+def _resolve_previous_stage(check: _Checker, raw: Mapping[str, Any], where: str, manifest_dir: Path) -> Path:
+    """The ``previous_stage`` folder of a cascade member (relative to the manifest's folder), which must exist."""
+    local = Path(raw["previous_stage"]).expanduser()
+    local = local if local.is_absolute() else manifest_dir / local
+    if not local.is_dir():
+        raise check.fail(where, f"previous_stage {raw['previous_stage']!r} is not a folder (looked for {local})",
+                         "Name the cascade's 3d_lowres results folder (a relative path is relative to the "
+                         "manifest's folder), or leave the key out to use the one beside the 3d_cascade_fullres "
+                         "folder.")
+    return local.resolve()
+
+
 def _member_options(check: _Checker, raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The member's constructor arguments, validated (before anything is downloaded or read)."""
     framework = raw["framework"]
@@ -405,7 +422,13 @@ def _member_options(check: _Checker, raw: Mapping[str, Any], where: str) -> dict
     options: dict[str, Any] = {"folds": _folds(check, raw.get("folds"), where), "use_mirroring": mirroring,
                                "name": raw.get("name")}
     if framework in ("nnunetv2", "umamba"):
-        return {**options, "checkpoint": checkpoint, "tile_step_size": tile_step}
+        previous = raw.get("previous_stage")
+        if previous is not None and (not isinstance(previous, str) or not previous.strip()):
+            raise check.fail(where, f"previous_stage must be a folder path, got {json.dumps(previous)}",
+                             "Name the cascade's 3d_lowres results folder (relative to the manifest's folder), or "
+                             "leave the key out to use the one beside the 3d_cascade_fullres folder.")
+        stage_folds = _folds(check, raw.get("previous_stage_folds"), where)
+        return {**options, "checkpoint": checkpoint, "tile_step_size": tile_step, "previous_stage_folds": stage_folds}
     roles = raw.get("channel_roles")
     if roles is not None and (not isinstance(roles, list) or not roles
                               or not all(isinstance(r, str) and r for r in roles)):
@@ -426,8 +449,11 @@ def _member_options(check: _Checker, raw: Mapping[str, Any], where: str) -> dict
 def _build_member(framework: str, path: Path, options: dict[str, Any], trust: TrustedFiles) -> Member:
     """The member; ``trust`` (the user's --trust-checkpoint paths) is asked about each file it loads."""
     if framework in ("nnunetv2", "umamba"):
-        member: Any = NnUNetMember(path, trust_checkpoint=trust, **options)
-        member.framework = framework  # U-Mamba folders are nnU-Net v2 folders; record what the manifest says
+        member: Any = nnunet_member(path, trust=trust, **options)
+        stage = member
+        while stage is not None:  # U-Mamba folders are nnU-Net v2 folders; record what the manifest says
+            stage.framework = framework
+            stage = stage.previous_stage
         return member
     if framework in ("torchscript", "monai"):
         from .members.torchscript import build_member
@@ -574,6 +600,8 @@ def model_set_from_manifest(data: Any, manifest: Path, base_dir: Path, *, cache_
     # Only a manifest valid as a whole gets its members read (or downloaded).
     for index, (raw, where, framework, weight, factors, options) in enumerate(validated):
         model_dir = _resolve_path(check, raw, where, base_dir, cache_dir)
+        if raw.get("previous_stage"):
+            options = {**options, "previous_stage": _resolve_previous_stage(check, raw, where, base_dir)}
         try:
             member = _build_member(framework, model_dir, options, trust)
         except ModelError as exc:

@@ -21,6 +21,7 @@ from .case import Case, StagedFiles, write_csv, write_json, write_label_map, wri
 from .demo.guard import demo_warnings
 from .ensemble import ARGMAX, StreamingEnsemble, fused_labels, fusion_space
 from .errors import Cancelled, DeviceError, OutputError
+from .hounsfield import ct_warnings
 from .lesions import LESION_COLUMNS, class_statistics, lesion_rows
 from .limits import check_model_grids
 from .members.base import StepReporter
@@ -106,7 +107,8 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
     # the grid each member resamples the case to, against the memory budget (unusual spacings)
     check_model_grids(model_set.members, case.shape_zyx, case.spacing_zyx, case.description)
     started = time.perf_counter()
-    warnings = demo_warnings(model_set, case.images)  # a demo set on anything but the shipped phantom
+    # a demo set on anything but the shipped phantom; inputs that run without error but may give a wrong answer
+    warnings = demo_warnings(model_set, case.images) + ct_warnings(case)
     emit(ProgressEvent("case-start", case.case_id, 0.0, f"{n} model(s) on {torch_device}"))
     for warning in warnings:
         emit(ProgressEvent("warning", case.case_id, 0.0, warning))

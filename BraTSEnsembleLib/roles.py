@@ -19,6 +19,17 @@ ROLE_TITLES: dict[str, str] = {"t1n": "T1 native", "t1c": "T1 contrast-enhanced"
 BRATS2023_SUFFIXES: dict[str, str] = {"-t1n": "t1n", "-t1c": "t1c", "-t2w": "t2w", "-t2f": "t2f"}
 BRATS2021_SUFFIXES: dict[str, str] = {"_t1": "t1n", "_t1ce": "t1c", "_t2": "t2w", "_flair": "t2f"}
 
+#: Roles other than BraTS's that a case folder may name in its file names (``<id>-ct.nii.gz``, ``<id>_ct.nii.gz``)
+#: whatever the model: CT (the channel name by which nnU-Net selects its CT normalisation).
+NAMED_FILE_ROLES: tuple[str, ...] = ("ct",)
+
+
+def role_file_suffixes(roles: Iterable[str]) -> dict[str, str]:
+    """File-name suffixes ``-role`` and ``_role`` → role for roles other than BraTS's (``{"-ct": "ct", "_ct":
+    "ct"}``): how a case folder names the image of a generic role."""
+    return {f"{separator}{role}": role for role in roles if role not in BRATS_ROLES for separator in "-_"}
+
+
 # Free-text names (node names, DICOM series descriptions, dataset.json channel names) → role. Tested in order, on
 # lower-case text with separators folded to single spaces; the first match wins, so contrast-enhanced T1 and FLAIR
 # are recognised before plain T1 and T2.

@@ -121,3 +121,46 @@ def real_case() -> Path:
     if not SHARED_REAL_CASE.is_dir():
         pytest.skip(f"the real BraTS case is not available at {SHARED_REAL_CASE} (../shared is absent)")
     return SHARED_REAL_CASE
+
+
+# The CT metastasis cascade (3d_lowres → 3d_cascade_fullres), trained by BraTSEnsembleLib.demo.cascade_train with its
+# defaults (nnU-Net's own planner with a small memory target, 6 phantoms, fold "all"); dataset id and its options.
+CASCADE_DATASET_ID = 601
+CASCADE_OPTIONS: tuple[str, ...] = ("--dataset-id", str(CASCADE_DATASET_ID), "--name", "CTMetastases", "--seed", "600")
+
+
+@dataclass(frozen=True)
+class TrainedCascade:
+    cascade: Path  # …/nnUNetTrainer__nnUNetPlans__3d_cascade_fullres
+    lowres: Path  # …/nnUNetTrainer__nnUNetPlans__3d_lowres, beside it
+    work: Path  # holds raw/, preprocessed/ and results/ (nnU-Net's folder variables, for nnUNetv2_predict -d)
+    dataset_id: int
+
+
+def _cascade_hash() -> str:
+    digest = hashlib.sha256()
+    for part in ("cascade_train.py", "ct_phantom.py", "nnunet_train.py"):
+        digest.update((ROOT / "BraTSEnsembleLib" / "demo" / part).read_bytes())
+    digest.update(repr(CASCADE_OPTIONS).encode())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def trained_cascade(tmp_path_factory: pytest.TempPathFactory) -> TrainedCascade:
+    """A genuine nnU-Net v2 cascade trained here on CT phantoms (one channel "CT", one label "metastasis")."""
+    cache_root = os.environ.get("BRATS_ENSEMBLE_MODEL_CACHE")
+    base = Path(cache_root) / f"cascade-{_cascade_hash()}" if cache_root else tmp_path_factory.mktemp("cascade")
+    marker = base / "cascade.path"
+    if marker.is_file() and Path(marker.read_text()).is_dir():
+        cascade = Path(marker.read_text())
+    else:
+        work = base / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        done = subprocess.run([sys.executable, "-m", "BraTSEnsembleLib.demo.cascade_train", "--work", str(work),
+                               *CASCADE_OPTIONS], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"training the cascade failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        cascade = Path(done.stdout.strip().splitlines()[-1])
+        marker.write_text(str(cascade))
+    lowres = cascade.parent / cascade.name.replace("3d_cascade_fullres", "3d_lowres")
+    return TrainedCascade(cascade, lowres, cascade.parents[2], CASCADE_DATASET_ID)

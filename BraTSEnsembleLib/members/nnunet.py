@@ -27,7 +27,7 @@ import contextlib
 import io
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from ..labelsets import label_set_from_dataset_labels
 from ..roles import ensure_roles_available, model_channel_roles
 from ..trust import TrustedFiles
 from .base import LABEL_SPACE, NESTED_REGIONS, REGION_SPACE, REGION_WRITES, Probabilities, StepReporter
+from .nnunet_cascade import as_read_back, check_stages_fit, sibling_stage_folder, stage_configuration
 
 CHECKPOINT_NAMES: dict[str, str] = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 
@@ -131,7 +132,7 @@ class NnUNetMember:
 
     def __init__(self, model_dir: str | Path, folds: Sequence[str | int] | None = None, checkpoint: str = "final",
                  use_mirroring: bool = True, tile_step_size: float = 0.5, name: str | None = None,
-                 trust_checkpoint: "bool | TrustedFiles" = False) -> None:
+                 trust_checkpoint: "bool | TrustedFiles" = False, previous_stage: "NnUNetMember | None" = None) -> None:
         self.model_dir = Path(model_dir).expanduser().resolve()
         if not self.model_dir.is_dir():
             raise ModelError(f"{model_dir}: model folder not found")
@@ -159,6 +160,7 @@ class NnUNetMember:
         #: checkpoints that needed (and got) full unpickling because the user trusted them
         self.trusted_files: list[Path] = []
         self.name = name or self.model_dir.name
+        self._init_stages(previous_stage)
         self._roles = model_channel_roles(self.dataset_json.get("channel_names") or self.dataset_json.get("modality", {}),
                                           str(self.model_dir / "dataset.json"))
         label_dict = self.dataset_json.get("labels", {})
@@ -184,6 +186,27 @@ class NnUNetMember:
         elif self.space == LABEL_SPACE:  # the model's own classes: channels named by their dataset.json values
             self._labels = (BACKGROUND, *(c.value for c in self.label_set.classes))
         self._predictor: Any = None
+
+    def _init_stages(self, previous_stage: "NnUNetMember | None") -> None:
+        """Which configuration this folder is and, for a cascade's second stage, its first stage (see
+        :mod:`.nnunet_cascade`): known now, so that a missing first stage is refused before any member runs."""
+        #: the configuration the folder holds (None when neither its name nor its checkpoint tells; then it is not
+        #: a cascade stage)
+        first_checkpoint = self.model_dir / f"fold_{self.folds[0]}" / self.checkpoint_name
+        self.configuration, needed = stage_configuration(self.model_dir, self.plans, first_checkpoint,
+                                                         self.trust.covers(first_checkpoint))
+        if needed is None and previous_stage is not None:
+            raise ModelError(f"{self.model_dir}: is not the second stage of a cascade (configuration "
+                             f"{self.configuration}), so it takes no previous stage. Remove \"previous_stage\".")
+        if needed is not None and previous_stage is None:
+            raise ModelError(f"{self.model_dir}: is the second stage of an nnU-Net cascade ({self.configuration} after "
+                             f"{needed}) and needs its {needed} stage; give both (--model finds "
+                             f"{sibling_stage_folder(self.model_dir, needed).name} beside it).")
+        if previous_stage is not None:
+            check_stages_fit(self, previous_stage, needed)
+        #: the first stage of a cascade, whose segmentation is this stage's extra input (None: a single stage)
+        self.previous_stage: NnUNetMember | None = previous_stage
+        self._previous_stage_name = needed
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -226,6 +249,8 @@ class NnUNetMember:
             "tile_step_size": self.tile_step_size,
             "channels": list(self.roles),
             **extra,
+            **({"configuration": self.configuration, "previous_stage": self.previous_stage.describe()}
+               if self.previous_stage is not None else {}),
         }
 
     # -- loading -------------------------------------------------------------------------------------------------
@@ -300,14 +325,18 @@ class NnUNetMember:
             raise ModelError(f"{self.model_dir / 'plans.json'}: has no configuration {configuration!r} "
                              "that the checkpoint was trained with")
         configuration_manager = plans_manager.get_configuration(configuration)
-        if configuration_manager.previous_stage_name is not None:
-            raise ModelError(f"{self.model_dir}: cascade configurations ({configuration}) are not supported by this "
-                             "version; use a 3d_fullres model.")
-        num_inputs = determine_num_input_channels(plans_manager, configuration_manager, self.dataset_json)
-        if num_inputs != len(self.roles):
-            raise ModelError(f"{self.model_dir}: plans expect {num_inputs} input channels, dataset.json names "
-                             f"{len(self.roles)}")
+        if configuration_manager.previous_stage_name != self._previous_stage_name:
+            raise ModelError(f"{self.model_dir}: its checkpoint was trained as {configuration}, which "
+                             f"{'is' if configuration_manager.previous_stage_name else 'is not'} a cascade stage, "
+                             f"unlike the configuration {self.configuration} the folder is named after. Copy the "
+                             "fold folders of that configuration's training here.")
         label_manager = plans_manager.get_label_manager(self.dataset_json)
+        num_inputs = determine_num_input_channels(plans_manager, configuration_manager, self.dataset_json)
+        # a cascade's second stage takes one more channel per foreground label (the first stage's one-hot labels)
+        num_images = num_inputs - (len(label_manager.foreground_labels) if self.previous_stage is not None else 0)
+        if num_images != len(self.roles):
+            raise ModelError(f"{self.model_dir}: plans expect {num_images} input channels, dataset.json names "
+                             f"{len(self.roles)}")
         build = (checkpoint["trainer_name"], configuration_manager, num_inputs, label_manager.num_segmentation_heads,
                  configuration)
         self._refuse_network_larger_than_weights(build, weights[0],
@@ -343,7 +372,27 @@ class NnUNetMember:
     def predict(self, case: Any, device: torch.device, report: StepReporter | None = None) -> Probabilities:
         """Probabilities on the case grid, exactly as ``nnUNetv2_predict --save_probabilities`` computes them:
         softmax over labels, or for a region-based model sigmoid per region (0 outside the crop box)."""
+        _, probabilities = self._run_predictor(case, device, report, True)
+        array = np.ascontiguousarray(probabilities, dtype=np.float32)
+        if self.space == REGION_SPACE:
+            return Probabilities(array, self._regions, REGION_SPACE)
+        return Probabilities(array, self.labels)
+
+    def segmentation(self, case: Any, device: torch.device, report: StepReporter | None = None) -> np.ndarray:
+        """nnU-Net's own label map (z, y, x) in the dataset's label values, as ``nnUNetv2_predict`` exports it: what
+        the next stage of a cascade reads."""
+        return self._run_predictor(case, device, report, False)
+
+    def _run_predictor(self, case: Any, device: torch.device, report: StepReporter | None,
+                       probabilities: bool) -> Any:
+        """``nnUNetPredictor.predict_single_npy_array`` on the case's channels, after the previous stage of a cascade
+        (whose segmentation nnU-Net's preprocessing crops, resamples and appends as one-hot channels)."""
         ensure_roles_available(self.roles, case.roles, f"model {self.name}", f"case {case.case_id}")
+        previous = None
+        if self.previous_stage is not None:
+            stage = self._previous_stage_name
+            previous = as_read_back(self.previous_stage.segmentation(
+                case, device, (lambda step: report(f"{stage}: {step}")) if report else None))
         if report:
             report("loading", 0.0)
         predictor = self._initialise(device)
@@ -352,11 +401,51 @@ class NnUNetMember:
             report(f"predicting ({len(self.folds)} fold{'s' if len(self.folds) > 1 else ''})", 0.02)
         predictor.report = report  # tiles of the sliding window, then "back to the case grid"
         try:
-            _, probabilities = predictor.predict_single_npy_array(data, {"spacing": list(case.spacing_zyx)}, None,
-                                                                  None, True)
+            return predictor.predict_single_npy_array(data, {"spacing": list(case.spacing_zyx)}, previous, None,
+                                                      probabilities)
         finally:
             predictor.report = None
-        array = np.ascontiguousarray(probabilities, dtype=np.float32)
-        if self.space == REGION_SPACE:
-            return Probabilities(array, self._regions, REGION_SPACE)
-        return Probabilities(array, self.labels)
+
+
+def nnunet_member(model_dir: str | Path, *, previous_stage: str | Path | None = None,
+                  previous_stage_folds: Sequence[str | int] | None = None,
+                  trust: "bool | TrustedFiles" = False, _later_stages: tuple[Path, ...] = (),
+                  **options: Any) -> NnUNetMember:
+    """An nnU-Net v2 results folder as a member; a cascade's second stage with its first stage inside it.
+
+    ``previous_stage`` is the first stage's results folder (default: the plans' ``previous_stage`` beside
+    ``model_dir``, where nnU-Net puts it); ``previous_stage_folds`` its folds (default: ``options["folds"]`` when
+    given, else every fold there: each nnU-Net command takes its own ``-f``). ``trust``: the files the user trusts
+    (:class:`TrustedFiles`), for both stages; the other ``options`` go to :class:`NnUNetMember` for both stages.
+    A missing or unfitting first stage raises ModelError here, before anything runs.
+    """
+    folder = Path(model_dir).expanduser().resolve()
+    trust = TrustedFiles.of(trust)
+    needed = None
+    if (folder / "plans.json").is_file():  # else NnUNetMember says what is missing
+        checkpoint_name = checkpoint_file_name(options.get("checkpoint", "final"))
+        folds = [str(f) for f in options.get("folds") or available_folds(folder, checkpoint_name)]
+        first_checkpoint = folder / f"fold_{folds[0]}" / checkpoint_name if folds else None
+        _, needed = stage_configuration(folder, _read_json(folder / "plans.json"), first_checkpoint,
+                                        first_checkpoint is not None and trust.covers(first_checkpoint))
+    if needed is None:
+        if previous_stage is not None or previous_stage_folds is not None:
+            raise ModelError(f"{folder}: is not the second stage of a cascade, so it takes no previous stage. Remove "
+                             "\"previous_stage\"/\"previous_stage_folds\", or name the cascade's "
+                             "3d_cascade_fullres folder.")
+        return NnUNetMember(folder, trust_checkpoint=trust, **options)
+    first = (Path(previous_stage).expanduser().resolve() if previous_stage is not None
+             else sibling_stage_folder(folder, needed))
+    if not first.is_dir():
+        how = ("the folder named as its previous stage" if previous_stage is not None
+               else f"the {needed} results folder of the same training beside it")
+        raise ModelError(f"{folder}: is the second stage of an nnU-Net cascade, but its {needed} stage {first} is "
+                         f"missing. Put {how} (nnUNetv2_train … {needed} writes it there), or name it with "
+                         "\"previous_stage\" in a model-set manifest.")
+    if first in (*_later_stages, folder):
+        raise ModelError(f"{first}: the stages of this cascade form a loop ({' → '.join(p.name for p in (*_later_stages, folder, first))}); "
+                         "check the previous_stage entries of its plans.json.")
+    first_options = {**options, "folds": previous_stage_folds or options.get("folds"),
+                     "name": f"{options.get('name') or folder.name} ({needed})"}
+    stage = nnunet_member(first, trust=trust, _later_stages=(*_later_stages, folder), **first_options)
+    return NnUNetMember(folder, trust_checkpoint=trust, previous_stage=stage, **options)
