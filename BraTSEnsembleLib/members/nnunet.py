@@ -389,10 +389,10 @@ class NnUNetMember:
         (whose segmentation nnU-Net's preprocessing crops, resamples and appends as one-hot channels)."""
         ensure_roles_available(self.roles, case.roles, f"model {self.name}", f"case {case.case_id}")
         previous = None
-        if self.previous_stage is not None:
-            stage = self._previous_stage_name
+        if self.previous_stage is not None:  # the first stage reports the first half of the member's work
             previous = as_read_back(self.previous_stage.segmentation(
-                case, device, (lambda step: report(f"{stage}: {step}")) if report else None))
+                case, device, _share_of(report, 0.0, 0.5, f"{self._previous_stage_name}: ")))
+            report = _share_of(report, 0.5, 1.0, "")
         if report:
             report("loading", 0.0)
         predictor = self._initialise(device)
@@ -405,6 +405,16 @@ class NnUNetMember:
                                                       probabilities)
         finally:
             predictor.report = None
+
+
+def _share_of(report: StepReporter | None, start: float, end: float, prefix: str) -> StepReporter | None:
+    """``report`` for one part of a member's work: its fractions mapped into [start, end], its steps prefixed."""
+    if report is None:
+        return None
+
+    def part(step: str, fraction: float | None = None) -> None:
+        report(prefix + step, None if fraction is None else start + fraction * (end - start))
+    return part
 
 
 def nnunet_member(model_dir: str | Path, *, previous_stage: str | Path | None = None,
