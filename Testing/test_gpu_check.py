@@ -65,7 +65,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
         assert set(stages) == {"read_case", "load", "preprocessing", "network", "export", "fusion",
                                "postprocessing", "write_results"}
         assert all(v >= 0 for v in stages.values()) and stages["network"] > 0
-        assert len(run["seconds_per_member"]) == 7
+    assert goat["mirroring_run_members"] == ["resenc-m", "umamba-bot"]  # the dry run mirrors two members only
+    for key, run in goat["runs"].items():
+        assert len(run["seconds_per_member"]) == (2 if key == "mirroring" else 7)
         assert run["peak_gpu_memory"]["allocated_gib"] is None  # no GPU: reported as such, not as 0
     assert goat["cold_vs_warm_labels"]["agreement"] == 1.0
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The GPU check of issue 16: the ensemble on a CUDA device against the CPU, in one command.
 
-    python bench/gpu_check.py --out FOLDER [--device cuda|cpu] [--dry-run] [--parts demo,mamba,oom,goat]
+    python bench/gpu_check.py --out FOLDER [--device cuda|cpu] [--dry-run] [--parts demo,mamba,goat,oom]
 
 Writes ``FOLDER/gpu_check.json`` (every figure; rewritten after each part, so a run stopped at its time limit
 still leaves the parts it finished) and ``FOLDER/gpu_check.md`` (a short table). Parts:
@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing the project
     sys.path.insert(0, str(REPO))
 
-PARTS = ("demo", "mamba", "oom", "goat")
+PARTS = ("demo", "mamba", "goat", "oom")  # the open-ended bisection of "oom" last
 AGREEMENT_GOAL = 0.999
 GOAT_SECONDS_GOAL = 20.0
 CHANNELS = ("t1n", "t1c", "t2w", "t2f")
@@ -76,18 +76,20 @@ class Sizes:
     goat_case: tuple[int, int, int]          # z, y, x, 1 mm
     goat_crop: tuple[int, int, int]          # fingerprint's shapes_after_crop
     goat_features: tuple[int, int] | None    # (base, max) features to narrow the planned networks to (dry run)
+    goat_mirrored_members: tuple[str, ...] | None  # members of the mirroring run (None: all seven)
 
 
 FULL = Sizes(demo_crop=None,
              mamba=(("U-Mamba Bot bottleneck (320 channels, 5x6x5 tokens)", 320, 150),
                     ("UMambaEnc stage 0 (32 channels, 128^3 tokens)", 32, 128 ** 3)),
-             scan_tokens=512, oom_case=(256, 320, 256), oom_attempts=6, oom_seconds=150.0,
-             goat_case=(155, 240, 240), goat_crop=BRATS_CROP_ZYX, goat_features=None)
+             scan_tokens=512, oom_case=(256, 320, 256), oom_attempts=5, oom_seconds=75.0,
+             goat_case=(155, 240, 240), goat_crop=BRATS_CROP_ZYX, goat_features=None, goat_mirrored_members=None)
 DRY = Sizes(demo_crop=(48, 56, 48),
             mamba=(("bottleneck-like (32 channels, 64 tokens)", 32, 64),
                    ("stage-0-like (8 channels, 16^3 tokens)", 8, 16 ** 3)),
             scan_tokens=64, oom_case=(64, 64, 64), oom_attempts=1, oom_seconds=10.0,
-            goat_case=(16, 24, 16), goat_crop=(16, 20, 16), goat_features=(2, 8))
+            goat_case=(16, 24, 16), goat_crop=(16, 20, 16), goat_features=(2, 8),
+            goat_mirrored_members=("resenc-m", "umamba-bot"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -523,7 +525,8 @@ def write_goat_models(models: Path, plans: dict[str, dict]) -> dict[str, Any]:
     return described
 
 
-def write_goat_manifest(models: Path, mirroring: bool) -> Path:
+def write_goat_manifest(models: Path, mirroring: bool, only: tuple[str, ...] | None = None) -> Path:
+    """The GoAT 2025 recipe's manifest over the members written by :func:`write_goat_models` (``only``: a subset)."""
     path = models / f"goat-sized{'-mirrored' if mirroring else ''}.json"
     path.write_text(json.dumps({
         "name": "goat2025-sized, random weights (bench/gpu_check.py)",
@@ -531,7 +534,8 @@ def write_goat_manifest(models: Path, mirroring: bool) -> Path:
         "labels": "sequential-threshold", "postprocess": "ratio-adaptive",
         "members": [{"name": name, "framework": "umamba" if "UMamba" in trainer else "nnunetv2",
                      "path": f"{name}/{trainer}__{plans_name}__3d_fullres", "folds": ["all"], "mirroring": mirroring}
-                    for name, _, plans_name, trainer, _ in GOAT_MEMBERS]}, indent=2))
+                    for name, _, plans_name, trainer, _ in GOAT_MEMBERS if only is None or name in only]},
+                   indent=2))
     return path
 
 
@@ -657,7 +661,8 @@ def part_goat(device: str, sizes: Sizes, work: Path) -> dict[str, Any]:
     labels = {}
     for key, mirroring in (("no_mirroring_cold", False), ("no_mirroring_warm", False), ("mirroring", True)):
         if key != "no_mirroring_warm":  # the warm run reuses the cold run's members (networks already built)
-            model_set = load_model_set(write_goat_manifest(models, mirroring))
+            model_set = load_model_set(write_goat_manifest(models, mirroring,
+                                                           sizes.goat_mirrored_members if mirroring else None))
         run = timed_run(model_set, case_dir, work / f"goat-out-{key}", device)
         labels[key] = run.pop("labels")
         runs[key] = run
@@ -667,7 +672,8 @@ def part_goat(device: str, sizes: Sizes, work: Path) -> dict[str, Any]:
     return {"status": "ran", "device": device, "case": f"phantom {'x'.join(map(str, sizes.goat_case))} (z, y, x), 1 mm",
             "fingerprint_shapes_after_crop": list(sizes.goat_crop),
             "narrowed_to_features": list(sizes.goat_features) if sizes.goat_features else None,
-            "members": described, "seconds_preparing": round(prepared, 1), "runs": runs,
+            "members": described, "mirroring_run_members": list(sizes.goat_mirrored_members or described),
+            "seconds_preparing": round(prepared, 1), "runs": runs,
             "cold_vs_warm_labels": label_agreement(labels["no_mirroring_cold"], labels["no_mirroring_warm"]),
             "goal_seconds_no_mirroring": GOAT_SECONDS_GOAL, "meets_goal_warm": warm <= GOAT_SECONDS_GOAL,
             "meets_goal_cold": runs["no_mirroring_cold"]["seconds_end_to_end"] <= GOAT_SECONDS_GOAL}
