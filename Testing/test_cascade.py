@@ -112,14 +112,27 @@ def test_cli_model_accepts_a_cascade_folder_and_a_named_ct_file(trained_cascade,
     shutil.copy(ct_case / f"{case_id}_0000.nii.gz", case_dir / f"{case_id}-ct.nii.gz")
     out = tmp_path / "out"
     done = brats_ensemble("predict", case_dir, "-o", out, "--model", trained_cascade.cascade, "--postprocess", "none",
-                          "--device", "cpu", "--progress", "json")
+                          "--device", "cpu", "--progress", "json", "--min-lesion-volume", "100")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "warning:" not in done.stderr  # the phantom is in Hounsfield units
     steps = [e["message"] for e in map(json.loads, done.stdout.splitlines()) if e["event"] == "member-step"]
     assert any("3d_lowres: predicting" in s for s in steps), steps
     theirs = read_labels(nnunet_cascade[1] / f"{case_id}.nii.gz")
     assert np.array_equal(read_labels(out / f"{case_id}.nii.gz"), theirs)
-    member = json.loads((out / f"{case_id}.json").read_text())["members"][0]
+    # the system's output: metastases counted and sized lesion by lesion, those under 100 mm³ left out of the count
+    summary = json.loads((out / f"{case_id}.json").read_text())
+    assert list(summary["regions"]) == ["metastasis"] and summary["min_lesion_volume_mm3"] == 100
+    image = sitk.ReadImage(str(out / f"{case_id}.nii.gz"))
+    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(image == 1, True))
+    voxel_mm3 = float(np.prod(image.GetSpacing()))
+    sizes = np.bincount(components.ravel())[1:] * voxel_mm3
+    stats = summary["regions"]["metastasis"]
+    assert stats["lesions"] == int(np.count_nonzero(sizes >= 100)) >= 1
+    assert stats.get("lesions_below_minimum", 0) == int(np.count_nonzero(sizes < 100))
+    assert sorted(lesion["volume_mm3"] for lesion in summary["lesions"]["metastasis"]) == pytest.approx(
+        sorted(sizes[sizes >= 100]))
+    assert (out / f"{case_id}_lesions.csv").is_file()
+    member = summary["members"][0]
     assert member["configuration"] == "3d_cascade_fullres" and member["channels"] == ["ct"]
     assert member["previous_stage"]["path"] == str(trained_cascade.lowres)
     assert member["previous_stage"]["folds"] == ["all"]
