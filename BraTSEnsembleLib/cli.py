@@ -358,7 +358,7 @@ def predict_case(case_dir: Path, model_set: ModelSet, device: Any, args: argpars
     """What ``predict`` does with one case folder into ``args.output`` (case id, fingerprint, lock, resume rules):
     (case id, written paths). ``serve`` runs each job through it."""
     explicit, fallback = _channel_names(args, model_set)
-    file_id, files = discover_case_files(case_dir, explicit, fallback)
+    file_id, files = discover_case_files(case_dir, explicit, fallback, roles=model_set.roles)
     planned, unreadable = _plan(assign_case_ids([(case_dir, file_id, files)]), model_set, args)
     if unreadable:
         raise next(iter(unreadable.values()))

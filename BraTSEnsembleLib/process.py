@@ -96,6 +96,27 @@ def build_predict_command(
     ``--trust-checkpoint FILE`` for each file the user confirmed (e.g. a TorchScript file of the model list).
     Raises ValueError for values the CLI would refuse.
     """
+    return _command("predict", case_dir, out_dir, models, python=python, weights=weights, device=device,
+                    postprocess=postprocess, folds=folds, checkpoint=checkpoint, mirroring=mirroring,
+                    tile_step=tile_step, overwrite=overwrite, progress=progress, save_uncertainty=save_uncertainty,
+                    trust=trust)
+
+
+def build_batch_command(cohort_dir: str | Path, out_dir: str | Path, models: str | Path | Sequence[str | Path],
+                        *, overwrite: bool = False, **options: Any) -> list[str]:
+    """The ``brats-ensemble batch`` argument list: every case folder under ``cohort_dir``, with the options of
+    :func:`build_predict_command`. ``overwrite`` is off by default: the command line then resumes (a case whose
+    result has the same fingerprint is skipped) and never replaces a result made from other inputs or models."""
+    return _command("batch", cohort_dir, out_dir, models, overwrite=overwrite, **options)
+
+
+def _command(subcommand: str, input_dir: str | Path, out_dir: str | Path,
+             models: str | Path | Sequence[str | Path], *, python: str | None = None,
+             weights: Sequence[float] | None = None, device: str = "auto",
+             postprocess: str | Sequence[str] | None = None, folds: str | int | Iterable[int | str] | None = None,
+             checkpoint: str | None = None, mirroring: bool = True, tile_step: float | None = None,
+             overwrite: bool = True, progress: bool = True, save_uncertainty: bool = False,
+             trust: Sequence[str | Path] = ()) -> list[str]:
     model_list = [models] if isinstance(models, (str, Path)) else list(models)
     model_list = [str(m) for m in model_list if str(m).strip()]
     if not model_list:
@@ -109,7 +130,7 @@ def build_predict_command(
     if tile_step is not None and not (0.0 < float(tile_step) <= 1.0):
         raise ValueError(f"tile step must be in (0, 1], got {tile_step}")
     args = [python, "-m", CLI_MODULE] if python else [CONSOLE_SCRIPT]
-    args += ["predict", str(case_dir), "-o", str(out_dir)]
+    args += [subcommand, str(input_dir), "-o", str(out_dir)]
     manifests = [m for m in model_list if m.lower().endswith(".json")]
     if manifests:
         if len(model_list) != 1:
@@ -399,9 +420,10 @@ def python_executable(which=None) -> str:
 # Inputs: case id, file names, duplicate volumes, grids
 
 
-def _strip_role_suffix(name: str) -> str:
+def _strip_role_suffix(name: str, other_roles: Iterable[str] = ()) -> str:
     lowered = name.lower()
-    for suffix in sorted(list(BRATS2023_SUFFIXES) + list(BRATS2021_SUFFIXES), key=len, reverse=True):
+    others = [f"{separator}{role}" for role in other_roles if role not in BRATS_ROLES for separator in "-_"]
+    for suffix in sorted(list(BRATS2023_SUFFIXES) + list(BRATS2021_SUFFIXES) + others, key=len, reverse=True):
         if lowered.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -416,15 +438,18 @@ def sanitize_case_id(text: str) -> str:
 def case_id_from_names(names: Mapping[str, str] | Iterable[str], fallback: str = "BraTSCase") -> str:
     """Case id for the volumes' names: 'BraTS-GLI-00001-000-t1c' → 'BraTS-GLI-00001-000'.
 
-    The T1c name wins (results are on its grid); a BraTS/2021 role suffix is stripped. Names without one
+    The T1c name wins (results are on its grid); a BraTS/2021 role suffix is stripped, and with names by role the
+    suffix of any other role given ('CTPhantom-00001-ct' as ``ct`` → 'CTPhantom-00001'). Names without one
     ('AX T1 POST GAD') give ``fallback`` (the module passes the patient's name when it knows it).
     """
+    other_roles: list[str] = []
     if isinstance(names, Mapping):
         ordered = [names[r] for r in ("t1c", *BRATS_ROLES) if names.get(r)] + [v for v in names.values() if v]
+        other_roles = [str(r) for r in names]
     else:
         ordered = [n for n in names if n]
     for name in ordered:
-        stem = _strip_role_suffix(name)
+        stem = _strip_role_suffix(name, other_roles)
         if stem != name:
             case_id = sanitize_case_id(stem)
             if case_id:
@@ -432,10 +457,27 @@ def case_id_from_names(names: Mapping[str, str] | Iterable[str], fallback: str =
     return sanitize_case_id(fallback) or "BraTSCase"
 
 
+#: A role name other than BraTS's that may become part of a file name: lower-case letters and digits, starting with
+#: a letter (what :func:`BraTSEnsembleLib.roles.channel_role` makes of a channel name such as "CT" or "ADC").
+_GENERIC_ROLE = re.compile(r"[a-z][a-z0-9]{0,31}")
+#: Suffixes the command line reads as something other than an image role (segmentations are skipped).
+_NOT_IMAGE_ROLES = frozenset({"seg", "label", "labels", "mask"})
+
+
 def input_file_name(case_id: str, role: str) -> str:
-    """File name the module exports a role's volume to, in BraTS 2023 naming (``<id>-t1c.nii.gz``)."""
+    """File name the module exports a role's volume to, as the command line reads it: BraTS 2023 naming
+    (``<id>-t1c.nii.gz``) for the BraTS roles, ``<id>-<role>.nii.gz`` for another role a model names
+    (``<id>-ct.nii.gz``). Refused (ValueError): a role that is not a plain lower-case name, one the library would
+    read as another role ("flair" is t2f), or one read as a segmentation ("seg", "mask")."""
+    from .roles import channel_role
+
     if role not in BRATS_ROLES:
-        raise ValueError(f"unknown role {role!r}")
+        if (not isinstance(role, str) or not _GENERIC_ROLE.fullmatch(role) or role in _NOT_IMAGE_ROLES
+                or channel_role(role) != role):
+            raise ValueError(f"unusable role {role!r}: a role is t1n, t1c, t2w, t2f or a lower-case name of letters "
+                             "and digits that names no BraTS sequence (such as ct or adc)")
+    if not case_id or sanitize_case_id(case_id) != case_id:
+        raise ValueError(f"unusable case id {case_id!r}: letters, digits, '.', '-' and '_' only")
     return f"{case_id}-{role}{INPUT_ENDING}"
 
 
@@ -471,6 +513,14 @@ def grid_differences(grid: Grid, reference: Grid, spacing_rtol: float = 1e-4, or
     if any(abs(a - b) > direction_atol for a, b in zip(grid.direction, reference.direction)):
         problems.append("direction")
     return problems
+
+
+def reference_role(roles: Iterable[str]) -> str | None:
+    """The role whose grid the others must share and the result is placed on: t1c when given (the BraTS convention),
+    else the first role in the order a case is read (BraTS roles first, then others as given: ``ct`` for a CT
+    model). None when there is none."""
+    ordered = sorted(dict.fromkeys(roles), key=lambda r: (BRATS_ROLES + (r,)).index(r))
+    return "t1c" if "t1c" in ordered else (ordered[0] if ordered else None)
 
 
 def grid_mismatches(grids: Mapping[str, Grid], reference_role: str = "t1c") -> dict[str, list[str]]:

@@ -7,12 +7,14 @@ application (``Testing/test_slicer_mrml.py`` checks every ``slicer.*`` name used
 What needs the application is given from outside: the launcher environment for the CLI and the BRAINSResample run
 (``application.py``).
 """
+import csv
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import vtk
 
@@ -23,6 +25,10 @@ from . import MODULE_NAME, ROLES, importLibrary, libraryParentDirectory, resourc
 #: Column types of the statistics table (others are strings).
 _INTEGER_COLUMNS = ("Voxels", "Lesions")
 _DOUBLE_COLUMNS = ("Volume [mL]",)
+#: Integer columns of the per-lesion table (``region`` is a string, the others are doubles).
+_LESION_INTEGER_COLUMNS = ("lesion", "voxels")
+#: Node reference role from the segmentation node to its per-lesion table.
+LESIONS_REFERENCE = "BraTSEnsemble.Lesions"
 
 
 class SegmentationRun:
@@ -108,12 +114,29 @@ class SegmentationLogic:
         return process.Grid(size, tuple(volumeNode.GetSpacing()), tuple(volumeNode.GetOrigin()), direction)
 
     def gridMismatches(self, volumesByRole):
-        """``{role: [what differs]}`` for volumes whose grid differs from the T1c volume's."""
+        """``{role: [what differs]}`` for volumes whose grid differs from the reference volume's: T1c's, or, for a
+        model set without T1c (a CT model), the first needed role's (``process.reference_role``)."""
         process, _roles, _seg = importLibrary()
-        if "t1c" not in volumesByRole:
+        reference = process.reference_role(volumesByRole)
+        if reference is None:
             return {}
         grids = {role: self.volumeGrid(node) for role, node in volumesByRole.items()}
-        return process.grid_mismatches(grids, "t1c")
+        return process.grid_mismatches(grids, reference)
+
+    @staticmethod
+    def neededRoles(modelSet):
+        """The input roles a local model list needs (``BraTSEnsembleLib.inputroles.needed_roles``: read from its
+        JSON files, nothing loaded), or the four BraTS roles when its files cannot tell (a MedNeXt member without
+        channel_roles, a member still to be downloaded). Raises ModelError for a broken manifest or folder."""
+        importLibrary()
+        from BraTSEnsembleLib.inputroles import needed_roles
+
+        return needed_roles(modelSet) or ROLES
+
+    def referenceVolume(self, volumesByRole):
+        """The volume whose grid the result is on: T1c, or the first needed role's for a model without T1c."""
+        process, _roles, _seg = importLibrary()
+        return volumesByRole.get(process.reference_role(volumesByRole))
 
     def _nodesByClass(self, className):
         collection = self.scene.GetNodesByClass(className)
@@ -160,7 +183,7 @@ class SegmentationLogic:
         name in the subject hierarchy, else 'BraTSCase'."""
         process, _roles, _seg = importLibrary()
         fallback = "BraTSCase"
-        reference = volumesByRole.get("t1c")
+        reference = self.referenceVolume(volumesByRole)
         if reference is not None:
             shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
             item = shNode.GetItemByDataNode(reference)
@@ -223,10 +246,17 @@ class SegmentationLogic:
 
     def startSegmentation(self, volumesByRole, modelSet, device="auto", postprocess=None, folds=None,
                           checkpoint=None, mirroring=True, tile_step=None, include_derived=False, weights=None,
-                          save_uncertainty=False, trust=(), server=None, token=None):
+                          save_uncertainty=False, trust=(), server=None, token=None, roles=None):
         """Export the volumes to a temporary case folder and start ``brats-ensemble predict`` (non-blocking), or,
         with ``server`` (``http://host:port``), send them to ``brats-ensemble serve`` there. ``trust``: files the
         user trusts (passed as ``--trust-checkpoint``; a local run only).
+
+        ``roles``: the input roles to export; None: those the model set needs (:meth:`neededRoles`; on a server the
+        four BraTS roles). A needed role without a volume is refused, naming it. Volumes given for roles the model set
+        does not need are not exported and not checked (the panel keeps them selected for another model set): a CT
+        model takes the CT volume only, whatever else is selected. Each role's volume is exported as
+        ``<id>-<role>.nii.gz`` (``process.input_file_name``); the result lies on the reference volume's grid
+        (:meth:`referenceVolume`).
 
         Remote: ``modelSet`` is the name of a model set the server serves (None: its first); the server's set fixes
         device, postprocessing, folds, checkpoint, mirroring, tile step and weights, so giving one is refused.
@@ -234,13 +264,23 @@ class SegmentationLogic:
         Returns a :class:`SegmentationRun`; poll ``run.process`` and call :meth:`finishSegmentation`.
         """
         process, _roles, _seg = importLibrary()
-        missing = [r for r in ROLES if volumesByRole.get(r) is None]
+        remote = bool(server and str(server).strip())
+        if roles is None:
+            roles = ROLES if remote else self.neededRoles(modelSet)
+        roles = tuple(dict.fromkeys(roles))
+        for role in roles:
+            process.input_file_name("case", role)  # refuses a role that cannot be a file name before anything else
+        missing = [r for r in roles if volumesByRole.get(r) is None]
         if missing:
-            raise ValueError(f"volumes missing for: {', '.join(missing)}")
+            raise ValueError(f"the model set needs volumes for {', '.join(missing)}; none given for "
+                             f"{'it' if len(missing) == 1 else 'them'} (needed: {', '.join(roles)})")
+        unused = [r for r, n in volumesByRole.items() if n is not None and r not in roles]
+        if unused:
+            logging.info("BraTSEnsemble: not used by this model set: %s", ", ".join(unused))
+        volumesByRole = {r: volumesByRole[r] for r in roles}
         duplicates = process.duplicate_roles({r: n.GetID() for r, n in volumesByRole.items()})
         if duplicates:
             raise ValueError(f"the same volume is given for {', '.join('/'.join(g) for g in duplicates)}")
-        remote = bool(server and str(server).strip())
         if remote:
             localOnly = {"device": device not in (None, "auto"),
                          "postprocess": postprocess not in (None, "", "default"), "folds": bool(folds),
@@ -265,15 +305,15 @@ class SegmentationLogic:
             outDir = os.path.join(tempDir, "output")
             os.makedirs(caseDir)
             os.makedirs(outDir)
-            files = {role: os.path.join(caseDir, process.input_file_name(caseId, role)) for role in ROLES}
-            for role in ROLES:
+            files = {role: os.path.join(caseDir, process.input_file_name(caseId, role)) for role in roles}
+            for role in roles:
                 self.exportVolume(volumesByRole[role], files[role])
+            reference = self.referenceVolume(volumesByRole)
             if remote:
                 logging.info("BraTSEnsemble: sending %s to %s", caseId, client.url)
                 runner = remoteLibrary.RemoteRun(client, files, caseId, outDir, model_set=modelSet or None,
                                                  save_uncertainty=save_uncertainty)
-                return SegmentationRun(runner, tempDir, caseId, volumesByRole["t1c"], include_derived,
-                                       save_uncertainty)
+                return SegmentationRun(runner, tempDir, caseId, reference, include_derived, save_uncertainty)
             args = process.build_predict_command(
                 caseDir, outDir, models, python=process.python_executable(), weights=weights, device=device,
                 postprocess=postprocess, folds=folds, checkpoint=checkpoint, mirroring=mirroring,
@@ -284,7 +324,7 @@ class SegmentationLogic:
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
-        return SegmentationRun(cliProcess, tempDir, caseId, volumesByRole["t1c"], include_derived, save_uncertainty)
+        return SegmentationRun(cliProcess, tempDir, caseId, reference, include_derived, save_uncertainty)
 
     def _cliBaseEnvironment(self):
         return dict(self._environment() if self._environment is not None else os.environ)
@@ -376,6 +416,10 @@ class SegmentationLogic:
         segmentationNode = self._importSegmentation(str(outputs["segmentation"]), caseId, reference,
                                                     outputSegmentation)
         tableNode = self._fillTable(segmentation.statistics_rows(statistics), caseId, reference, outputTable)
+        if outputs.get("lesions") is not None:  # the CLI's per-lesion table (<id>_lesions.csv): one row per lesion
+            previous = segmentationNode.GetNodeReference(LESIONS_REFERENCE) if outputSegmentation is not None else None
+            lesionsNode = self._fillLesionTable(str(outputs["lesions"]), caseId, reference, previous)
+            segmentationNode.SetNodeReferenceID(LESIONS_REFERENCE, lesionsNode.GetID())
         segmentationNode.SetAttribute("BraTSEnsemble.Provenance", json.dumps(
             {k: statistics.get(k) for k in ("models", "postprocess", "device")}))
         warnings = [str(w) for w in statistics.get("warnings") or []]
@@ -472,6 +516,44 @@ class SegmentationLogic:
         self._placeBeside(node, reference)
         return node
 
+    def _fillLesionTable(self, csvPath, caseId, reference, outputNode=None):
+        """A table node ``<id> lesions`` from the CLI's per-lesion CSV (region, lesion, voxels, volume, centre in LPS
+        and RAS mm): integer, double and string columns as the CSV's header says. ``outputNode``: the lesion table of
+        the segmentation being replaced (its content is replaced), else a new node."""
+        with open(csvPath, encoding="utf-8", newline="") as handle:
+            rows = list(csv.reader(handle))
+        if not rows:
+            raise RuntimeError(f"{csvPath}: empty; brats-ensemble writes a header line at least")
+        header, body = rows[0], rows[1:]
+        node = outputNode or self.scene.AddNewNodeByClass(
+            "vtkMRMLTableNode", self.scene.GenerateUniqueName(f"{caseId} lesions"))
+        wasModifying = node.StartModify()
+        node.RemoveAllColumns()
+        for index, name in enumerate(header):
+            values = [row[index] if index < len(row) else "" for row in body]
+            if name in _LESION_INTEGER_COLUMNS:
+                array = vtk.vtkIntArray()
+                convert = int
+            elif name == "region":
+                array = vtk.vtkStringArray()
+                convert = str
+            else:
+                array = vtk.vtkDoubleArray()
+                convert = float
+            array.SetName(name)
+            array.SetNumberOfValues(len(values))
+            for row, value in enumerate(values):
+                array.SetValue(row, convert(value))
+            node.AddColumn(array)
+            unit = "mL" if name.endswith("_ml") else "mm3" if name.endswith("_mm3") else (
+                "mm" if name.endswith("_mm") else "")
+            if unit:
+                node.SetColumnUnitLabel(name, unit)
+        node.SetColumnDescription("lesion", "Lesion number within its region (1 = the largest)")
+        node.EndModify(wasModifying)
+        self._placeBeside(node, reference)
+        return node
+
     def showResults(self, segmentationNode, tableNode, reference, uncertaintyNode=None, uncertaintyOpacity=0.5):
         """Show the segmentation over the T1c volume in the slice views and 3D, the uncertainty heat map (when there
         is one) as the foreground layer, and the table in a table view: the layout is switched to its variant with a
@@ -497,10 +579,14 @@ class SegmentationLogic:
     def segment(self, volumes_by_role, model_set, device="auto", timeout=None, **options):
         """Segment synchronously (Python console): returns (segmentationNode, tableNode).
 
-        ``volumes_by_role``: {'t1n': node, 't1c': node, 't2w': node, 't2f': node}. ``model_set``: manifest path,
-        results folder, or a list of them. Options: postprocess, folds, checkpoint, mirroring, tile_step,
+        ``volumes_by_role``: a volume for each role the model set needs ({'t1n': node, 't1c': node, 't2w': node,
+        't2f': node} for a BraTS model, {'ct': node} for a CT model; see :meth:`neededRoles`, volumes of other roles
+        are ignored). ``model_set``: manifest path, results folder, or a list of them. Options: roles (the roles to
+        export, default: those the model set needs), postprocess, folds, checkpoint, mirroring, tile_step,
         include_derived, weights, save_uncertainty, trust (files to trust, as --trust-checkpoint), outputSegmentation,
-        outputTable. With ``server="http://…"`` (and ``token``) the case is segmented by ``brats-ensemble serve``
+        outputTable. Segments are named by the model's classes (ET/NETC/SNFH, or e.g. "metastasis"); when the command
+        line wrote a per-lesion table, it is a second table node, referenced from the segmentation node (role
+        ``BraTSEnsemble.Lesions``). With ``server="http://…"`` (and ``token``) the case is segmented by ``brats-ensemble serve``
         there: ``model_set`` then names one of the server's model sets (None: its first). With save_uncertainty=True the
         uncertainty heat-map volume is referenced from the segmentation node (node reference role
         'BraTSEnsemble.Uncertainty').
@@ -517,34 +603,91 @@ class SegmentationLogic:
         return self.finishSegmentation(run, outputSegmentation=outputSegmentation, outputTable=outputTable)
 
     def segmentFolder(self, input_folder, output_folder, model_set, device="auto", include_derived=False,
-                      timeout_per_case=None, **options):
-        """Batch: every case folder under ``input_folder`` → ``output_folder/<id>.seg.nrrd``, ``<id>.nii.gz``,
-        ``<id>.json`` and ``<id>-statistics.csv``. The scene is not touched. Returns {case folder: outputs or error}.
+                      timeout=None, overwrite=False, **options):
+        """Batch: every case folder under ``input_folder`` (or ``input_folder`` itself when it holds the images) →
+        ``output_folder/<id>.nii.gz``, ``<id>.json``, ``<id>_lesions.csv`` (the command line's), ``<id>.seg.nrrd``
+        and ``<id>-statistics.csv``. The scene is not touched. Returns {case folder: {kind: path} or {"error": …}}.
+
+        One ``brats-ensemble batch`` process (``predict`` for a single case folder) does the work, so case identity,
+        resuming and locks are the command line's: two folders whose files give one case id (nnU-Net's
+        ``case_0000.nii.gz`` in each) are written under their folder names; a case whose result has the same
+        fingerprint (inputs, models, options) is skipped, not recomputed; without ``overwrite`` a result made from
+        other inputs or models is never replaced (the command line refuses the run and says so). Each result is
+        matched to its folder by the ``case_folder`` its JSON records; a case that failed gets the command line's
+        ``error`` event. A run that fails as a whole (a broken model set) raises RuntimeError with its message.
+        ``timeout``: seconds for the whole run.
         """
         process, _roles, _seg = importLibrary()
-        from BraTSEnsembleLib.case import discover_case_files
+        from BraTSEnsembleLib.cohort import find_case_folders
+        from BraTSEnsembleLib.results import load_result
 
+        timeoutPerCase = options.pop("timeout_per_case", None)  # older name, kept for existing scripts
+        input_folder, output_folder = os.path.abspath(input_folder), os.path.abspath(output_folder)
+        single = process.list_case_folders(input_folder) == [Path(input_folder)]
+        folders = [Path(input_folder)] if single else find_case_folders(Path(input_folder), Path(output_folder))
+        if timeout is None and timeoutPerCase is not None:
+            timeout = timeoutPerCase * len(folders)
         models = [model_set] if isinstance(model_set, (str, os.PathLike)) else list(model_set)
-        os.makedirs(output_folder, exist_ok=True)
-        results = {}
+        build = process.build_predict_command if single else process.build_batch_command
+        args = build(input_folder, output_folder, models, python=process.python_executable(), device=device,
+                     overwrite=overwrite, progress=True, **options)
         env = process.cli_environment(self._cliBaseEnvironment(), libraryParentDirectory())
-        for caseFolder in process.list_case_folders(input_folder):
-            args = process.build_predict_command(caseFolder, output_folder, models,
-                                                 python=process.python_executable(), device=device, **options)
-            run = process.CliProcess(args, env=env, cwd=libraryParentDirectory())
-            try:
-                run.wait(timeout=timeout_per_case)
-            except BaseException:
-                run.cancel()
-                raise
-            if not run.succeeded:
-                results[str(caseFolder)] = {"error": run.failure_message()}
-                logging.error("BraTSEnsemble: %s failed: %s", caseFolder, results[str(caseFolder)]["error"])
+        logging.info("BraTSEnsemble: running %s", " ".join(args))
+        run = process.CliProcess(args, env=env, cwd=libraryParentDirectory())
+        done, errors = [], []
+        try:
+            for event in self._waitForEvents(run, timeout):
+                if event.event in ("written", "case-skipped") and event.case:
+                    done.append(event.case)
+                elif event.event == "error":
+                    errors.append(event)
+        except BaseException:
+            run.cancel()
+            raise
+        if not run.succeeded and not done and not any(e.case for e in errors):  # refused as a whole (case "")
+            raise RuntimeError(run.failure_message())
+        byFolder = {}
+        for caseId in dict.fromkeys(done):
+            data, problem = load_result(Path(output_folder) / f"{caseId}.json")
+            if data is None:
+                raise RuntimeError(f"{caseId}: brats-ensemble reported the case done but its result is not readable "
+                                   f"({problem})")
+            byFolder[os.path.realpath(str(data.get("case_folder")))] = caseId
+        results = {}
+        for folder in folders:
+            caseId = byFolder.get(os.path.realpath(folder))
+            if caseId is not None:
+                results[str(folder)] = {kind: str(path) for kind, path in process.finalize_case_outputs(
+                    output_folder, caseId, include_derived=include_derived).items()}
+        unmatched = list(errors)
+        for folder in folders:
+            if str(folder) in results:
                 continue
-            caseId = discover_case_files(caseFolder)[0]
-            results[str(caseFolder)] = {kind: str(path) for kind, path in process.finalize_case_outputs(
-                output_folder, caseId, include_derived=include_derived).items()}
+            own = [e for e in unmatched if e.case == folder.name or str(folder) in e.message]
+            unmatched = [e for e in unmatched if e not in own]
+            if own:
+                results[str(folder)] = {"error": "\n".join(dict.fromkeys(e.message for e in own))}
+        missing = [folder for folder in folders if str(folder) not in results]
+        for folder in missing:
+            reported = "\n".join(dict.fromkeys(e.message for e in unmatched)) or run.failure_message()
+            results[str(folder)] = {"error": reported if len(missing) == 1 else f"no result; the batch reported: "
+                                    f"{reported}"}
+        for folder, outcome in results.items():
+            if "error" in outcome:
+                logging.error("BraTSEnsemble: %s failed: %s", folder, outcome["error"])
         return results
+
+    @staticmethod
+    def _waitForEvents(run, timeout):
+        """The progress events of a CLI run until it ends (logged as they come); TimeoutError after ``timeout`` s."""
+        events = []
+
+        def collect(event):
+            events.append(event)
+            logging.info("BraTSEnsemble %s %3.0f%% %s", event.case, 100 * (event.fraction or 0), event.message)
+
+        run.wait(timeout=timeout, callback=collect)
+        return events
 
 
 def findDemoData():

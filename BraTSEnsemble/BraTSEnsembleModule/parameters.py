@@ -16,6 +16,8 @@ CHECKPOINT_CHOICES = ["final", "best"]
 #: Where a case is segmented: here (the CLI in a separate process) or by ``brats-ensemble serve`` on a server.
 RUN_HERE, RUN_ON_SERVER = "this computer", "server"
 RUN_ON_CHOICES = [RUN_HERE, RUN_ON_SERVER]
+#: Node reference role (on the parameter node) of the volume chosen for a role other than the four BraTS ones.
+OTHER_ROLE_PREFIX = "BraTSEnsemble.Role."
 
 
 
@@ -52,8 +54,24 @@ class BraTSEnsembleParameterNode:
     serverUrl: str = ""
     serverModelSet: str = ""
 
-    def volumesByRole(self):
-        return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
+    def volumesByRole(self, roles=None):
+        """Selected volumes by role: the BraTS fields and the volumes of other roles (CT …), which a typed field
+        cannot hold (the roles depend on the model set) and are kept as node references of the parameter node
+        (``BraTSEnsemble.Role.<role>``), saved with the scene as well. ``roles``: only these."""
+        volumes = {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
+        node = self.parameterNode
+        for index in range(node.GetNumberOfNodeReferenceRoles()):
+            referenceRole = node.GetNthNodeReferenceRole(index)
+            if referenceRole.startswith(OTHER_ROLE_PREFIX) and node.GetNodeReference(referenceRole) is not None:
+                volumes[referenceRole[len(OTHER_ROLE_PREFIX):]] = node.GetNodeReference(referenceRole)
+        return volumes if roles is None else {r: v for r, v in volumes.items() if r in roles}
+
+    def setVolume(self, role, volumeNode):
+        """Select a volume for a role: a BraTS field, or a node reference for another role."""
+        if role in ROLES:
+            setattr(self, role, volumeNode)
+        else:
+            self.parameterNode.SetNodeReferenceID(OTHER_ROLE_PREFIX + role, volumeNode.GetID() if volumeNode else None)
 
     def options(self):
         """Options for :meth:`BraTSEnsembleLogic.segment`/``startSegmentation``."""

@@ -29,6 +29,10 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._run = None
         self._timer = None
+        self._neededRoles = ROLES  # the roles the chosen model set needs (the four BraTS ones until it is known)
+        self._rolesProblem = ""
+        self._rolesFor = None  # the model list _neededRoles was read for
+        self._otherRoleSelectors = {}  # role → (label, qMRMLNodeComboBox) made for roles outside the BraTS four
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -117,6 +121,48 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- state shown in the GUI
 
+    def _updateRoleSelectors(self) -> None:
+        """Show the role selectors the chosen model set needs (read from its JSON files, nothing loaded): the BraTS
+        ones of the .ui, and for other roles (CT …) selectors made here in the inputs form. Unknown (MedNeXt without
+        channel_roles, a member still to download) or on a server: the four BraTS roles."""
+        pn = self._parameterNode
+        models = tuple(pn.modelPaths) if pn and not pn.isRemote() else ()
+        if models != self._rolesFor:
+            self._rolesFor = models
+            self._neededRoles, self._rolesProblem = ROLES, ""
+            if models:
+                try:
+                    self._neededRoles = self.logic.neededRoles(list(models))
+                except Exception as exc:  # a broken manifest/folder: said in the panel; the run would refuse it
+                    self._rolesProblem = _("Model set: {error}").format(error=exc)
+        for role in ROLES:
+            for suffix in ("Label", "Selector"):
+                getattr(self.ui, role + suffix).setVisible(role in self._neededRoles)
+        layout = self.ui.inputsCollapsibleButton.layout()
+        for role in self._neededRoles:
+            if role in ROLES or role in self._otherRoleSelectors:
+                continue
+            label = qt.QLabel(_("{role}:").format(role=role.upper() if role == "ct" else role))
+            selector = slicer.qMRMLNodeComboBox()
+            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.showChildNodeTypes = False
+            selector.addEnabled = False
+            selector.removeEnabled = False
+            selector.noneEnabled = True
+            selector.toolTip = _("The volume for the model set's {role} input.").format(role=role)
+            selector.setMRMLScene(slicer.mrmlScene)
+            selector.connect("currentNodeChanged(vtkMRMLNode*)",
+                             lambda node, role=role: self._parameterNode.setVolume(role, node))
+            layout.insertRow(len(ROLES), label, selector)  # after the BraTS rows, before the buttons
+            self._otherRoleSelectors[role] = (label, selector)
+        for role, (label, selector) in self._otherRoleSelectors.items():
+            label.setVisible(role in self._neededRoles)
+            selector.setVisible(role in self._neededRoles)
+            if pn:
+                wasBlocked = selector.blockSignals(True)
+                selector.setCurrentNode(pn.volumesByRole().get(role))
+                selector.blockSignals(wasBlocked)
+
     def _updateGui(self, caller=None, event=None) -> None:
         pn = self._parameterNode
         running = self._run is not None
@@ -124,12 +170,13 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if pn:
             for path in pn.modelPaths:
                 self.ui.modelsListWidget.addItem(path)
+        self._updateRoleSelectors()
         problems, canResample = self._inputProblems()
         self.ui.inputWarningLabel.text = "\n".join(problems)
         self.ui.resampleButton.enabled = canResample and not running
         ready, reason = self._canApply(problems)
         self.ui.applyButton.enabled = ready and not running
-        self.ui.applyButton.toolTip = reason if not ready else _("Run the ensemble on the four volumes.")
+        self.ui.applyButton.toolTip = reason if not ready else _("Run the model set on the selected volumes.")
         self.ui.cancelButton.enabled = running
         for name in ("inputsCollapsibleButton", "modelsCollapsibleButton", "runOnCollapsibleButton",
                      "optionsCollapsibleButton", "outputsCollapsibleButton"):
@@ -155,8 +202,8 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not pn:
             return [], False
         process, _roles, _seg = importLibrary()
-        volumes = pn.volumesByRole()
-        messages = []
+        volumes = pn.volumesByRole(self._neededRoles)
+        messages = [self._rolesProblem] if self._rolesProblem else []
         duplicates = process.duplicate_roles({r: v.GetID() for r, v in volumes.items()})
         for group in duplicates:
             messages.append(_("The same volume is selected for {roles}; each sequence needs its own volume.").format(
@@ -165,24 +212,28 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # T1c grid any more, so ask for the transform to be hardened (never done silently).
         transforms = {r: v.GetParentTransformNode() for r, v in volumes.items()}
         transformName = lambda t: t.GetName() if t is not None else _("none")  # noqa: E731
-        if "t1c" in transforms:
-            t1cTransformId = transforms["t1c"].GetID() if transforms["t1c"] is not None else None
+        reference = process.reference_role(transforms)  # t1c, or the first needed role (ct for a CT model)
+        if reference is not None:
+            referenceTransformId = transforms[reference].GetID() if transforms[reference] is not None else None
             for role, transform in transforms.items():
-                if (transform.GetID() if transform is not None else None) != t1cTransformId:
-                    messages.append(_("{role} is under transform '{name}' but t1c under '{t1c}'; harden the "
+                if (transform.GetID() if transform is not None else None) != referenceTransformId:
+                    messages.append(_("{role} is under transform '{name}' but {reference} under '{t1c}'; harden the "
                                       "transforms (Data module) before segmenting.").format(
-                        role=role, name=transformName(transform), t1c=transformName(transforms["t1c"])))
+                        role=role, name=transformName(transform), reference=reference,
+                        t1c=transformName(transforms[reference])))
         mismatches = self.logic.gridMismatches(volumes)
         for role, what in mismatches.items():
-            messages.append(_("{role} differs from t1c in {what}: the sequences must share one grid. Use "
-                              "'Resample onto T1c grid'.").format(role=role, what=", ".join(what)))
+            messages.append(_("{role} differs from {reference} in {what}: the sequences must share one grid. Use "
+                              "'Resample onto T1c grid'.").format(role=role, reference=reference,
+                                                                  what=", ".join(what)))
         return messages, bool(mismatches) and not duplicates
 
     def _canApply(self, problems):
         pn = self._parameterNode
         if not pn:
             return False, ""
-        missing = [r for r in ROLES if getattr(pn, r) is None]
+        selected = pn.volumesByRole()
+        missing = [r for r in self._neededRoles if selected.get(r) is None]
         if missing:
             return False, _("Select a volume for: {roles}").format(roles=", ".join(missing))
         if pn.isRemote():
@@ -214,9 +265,9 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onResample(self) -> None:
         pn = self._parameterNode
-        volumes = pn.volumesByRole()
+        volumes = pn.volumesByRole(self._neededRoles)
         mismatches = self.logic.gridMismatches(volumes)
-        if not mismatches or "t1c" not in volumes:
+        if not mismatches or "t1c" not in volumes:  # resampling onto another reference: not offered (yet)
             return
         names = ", ".join(f"{volumes[r].GetName()} ({r})" for r in mismatches)
         if not slicer.util.confirmOkCancelDisplay(
@@ -403,7 +454,7 @@ class BraTSEnsembleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     run, outputSegmentation=pn.outputSegmentation, outputTable=pn.outputTable)
                 self.ui.statusLabel.text = _("Done in {seconds:.0f} s: {name}").format(
                     seconds=run.elapsedSeconds(), name=segmentationNode.GetName())
-                self.logic.showResults(segmentationNode, tableNode, pn.t1c, run.uncertaintyNode,
+                self.logic.showResults(segmentationNode, tableNode, run.reference, run.uncertaintyNode,
                                        run.uncertaintyOpacity)
                 if run.warnings:  # e.g. the demo models on real images: said in the panel and in a dialog
                     self.ui.statusLabel.text += "\n" + _("Warning: {warning}").format(warning=" ".join(run.warnings))
