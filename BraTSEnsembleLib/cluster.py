@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -257,8 +257,9 @@ class CaseWorker:
         return dict(self.info)
 
     def segment(self, payload: CasePayload, save_uncertainty: bool) -> dict[str, Any]:
-        """``{"labels", "geometry", "statistics", "provenance", "uncertainty"}`` of one case, or ``{"error":
-        message}`` for a case that cannot be segmented (bad input)."""
+        """Every field of the case's :class:`Result` but its reference image (``geometry`` instead), or ``{"error":
+        message}`` for a case that cannot be segmented (bad input). All fields travel, so that the driver writes
+        what a local run writes (the uncertainty maps only when they are asked for)."""
         try:
             with use_limits(self.limits):
                 case = self._read(payload)
@@ -267,8 +268,8 @@ class CaseWorker:
         except BraTSEnsembleError as exc:
             return {"error": str(exc)}
         maps = {name: result.uncertainty.get(name) for name in UNCERTAINTY_MAPS} if save_uncertainty else {}
-        return {"labels": result.labels, "geometry": _geometry(result.reference), "statistics": result.statistics,
-                "provenance": result.provenance, "uncertainty": maps}
+        answer = {f.name: getattr(result, f.name) for f in fields(Result) if f.name != "reference"}
+        return {**answer, "uncertainty": maps, "geometry": _geometry(result.reference)}
 
     def _read(self, payload: CasePayload) -> Case:
         """The case, read from its files' bytes by the reader local runs use (files written under their own names
@@ -704,8 +705,9 @@ class ClusterRun:
         provenance.update(self.description)
         provenance.update(result_provenance(task.case))
         maps = answer["uncertainty"] or dict.fromkeys(UNCERTAINTY_MAPS)  # names only: see UNCERTAINTY_MAPS
-        result = Result(task.case.case_id, answer["labels"], _reference_image(answer["geometry"]),
-                        answer["statistics"], provenance, maps)
+        result = Result(**{f.name: answer[f.name] for f in fields(Result) if f.name != "reference"},
+                        reference=_reference_image(answer["geometry"]))
+        result.case_id, result.provenance, result.uncertainty = task.case.case_id, provenance, maps
         return write_result(result, self.out_dir, overwrite=task.replace, save_uncertainty=self.args.save_uncertainty)
 
 
