@@ -75,8 +75,8 @@ def leftovers(out: Path) -> list[Path]:
 
 def same_results(expected: Path, actual: Path, case_ids: list[str], cohort: Path, reference_cohort: Path) -> None:
     """Label and uncertainty maps byte for byte; every JSON field equal except ``seconds`` and ``timing`` (the time
-    the case and its stages took, which no two runs share; the same stages and members are named); where the cohort lies (``case_folder``, ``inputs``) compared relative to the cohort
-    folder."""
+    the case and its stages took, which no two runs share; the same stages and members are named); where the cohort
+    lies (``case_folder``, ``inputs``) compared relative to the cohort folder."""
     for case_id in case_ids:
         for name in (f"{case_id}.nii.gz", f"{case_id}_disagreement.nii.gz", f"{case_id}_entropy.nii.gz"):
             assert (actual / name).read_bytes() == (expected / name).read_bytes(), name

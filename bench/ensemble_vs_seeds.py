@@ -224,7 +224,8 @@ def profile(summary: dict) -> list[str]:
     stages = timing["stages"]
     lines = [f"`seconds` of the case: {summary['seconds']}", "", "| stage | s |", "|---|---:|"]
     lines += [f"| {name} | {'—' if value is None else f'{value:.3f}'} |" for name, value in stages.items()]
-    lines += ["", "| member | s | loading | preprocessing | network | export | other |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| member | s | loading | preprocessing | network | export | other |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for m in timing["members"]:
         lines.append(f"| {m['member']} | {m['seconds']:.3f} | " + " | ".join(
             f"{m.get(k, 0.0):.3f}" for k in ("loading", "preprocessing", "network", "export", "other")) + " |")

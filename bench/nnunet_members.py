@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-features", type=int, default=64)
     args = parser.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split(","))
-    for folder in build(args.work.resolve(), shape, args.count, args.base_features, args.max_features):  # type: ignore[arg-type]
+    folders = build(args.work.resolve(), shape, args.count, args.base_features, args.max_features)  # type: ignore[arg-type]
+    for folder in folders:
         print(folder, flush=True)
     return 0
 
