@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -45,6 +46,8 @@ class Case:
     case_id: str
     images: dict[str, sitk.Image]
     sources: dict[str, str] = field(default_factory=dict)
+    #: seconds spent reading and checking the files (:func:`case_from_files`); None for images given in memory
+    read_seconds: float | None = field(default=None, compare=False)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -277,9 +280,12 @@ def check_distinct_files(files: Mapping[str, str | Path]) -> None:
 def case_from_files(case_id: str, files: Mapping[str, str | Path]) -> Case:
     """Read and validate one file per role. One file given for two roles (the same path, a symbolic or a hard link
     to it) is refused before anything is read."""
+    started = time.perf_counter()
     check_distinct_files(files)
     images = {role: read_image(path) for role, path in files.items()}
-    return case_from_images(case_id, images, {role: str(path) for role, path in files.items()})
+    case = case_from_images(case_id, images, {role: str(path) for role, path in files.items()})
+    case.read_seconds = time.perf_counter() - started
+    return case
 
 
 def _match_suffix(stem: str, suffixes: Mapping[str, str]) -> tuple[str, str] | None:

@@ -29,6 +29,7 @@ from .modelset import ModelSet
 from .postprocess import apply_steps
 from .results import commit_case_files, output_paths
 from .roles import ensure_roles_available
+from .timing import StageTimes, member_timing, rounded_seconds
 from .uncertainty import AGREEMENT_REGIONS, VoteCounter, member_agreement, normalised_entropy, summarise
 
 
@@ -119,38 +120,53 @@ def segment_case(case: Case, model_set: ModelSet, device: str | torch.device = "
     label_rule = model_set.resolved_label_rule
     # a member votes with the set's rule where it can; a region member cannot take argmax (its region rule then)
     member_rule = None if label_rule == ARGMAX else label_rule
+    times, member_times = StageTimes(), []  # per stage for the case; per member its own split
     for index, (member, weight) in enumerate(zip(model_set.members, model_set.weights)):
         check_cancel()
         done = index / n * 0.95
         emit(ProgressEvent("member-start", case.case_id, done, f"model {index + 1}/{n}: {member.name}"))
 
-        probabilities = member.predict(case, torch_device, _member_reporter(emit, case.case_id, index, n, member.name))
-        own_labels = fused_labels(probabilities, member_rule)
-        votes.add(own_labels)
-        member_labels.append(own_labels)  # uint8, one per member: for its agreement with the final labels
+        own_times = StageTimes()
+        with own_times.current(), own_times.stage("member"):
+            probabilities = member.predict(case, torch_device,
+                                           _member_reporter(emit, case.case_id, index, n, member.name))
+        member_times.append(member_timing(member.name, own_times, times))
+        with times.stage("uncertainty"):
+            own_labels = fused_labels(probabilities, member_rule)
+            votes.add(own_labels)
+            member_labels.append(own_labels)  # uint8, one per member: for its agreement with the final labels
         if probabilities.grid_shape != case.shape_zyx:
             raise RuntimeError(f"{member.name} returned a grid {probabilities.grid_shape}, case is {case.shape_zyx}")
-        ensemble.add(probabilities, weight, class_weights[index])
+        with times.stage("fusion"):
+            ensemble.add(probabilities, weight, class_weights[index])
         del probabilities
         emit(ProgressEvent("member-done", case.case_id, (index + 1) / n * 0.95, f"model {index + 1}/{n} done"))
     check_cancel()
-    fused = ensemble.probabilities()  # the weighted mean, computed once for the labels and the entropy
-    raw_labels = fused_labels(fused, label_rule)
+    with times.stage("fusion"):
+        fused = ensemble.probabilities()  # the weighted mean, computed once for the labels and the entropy
+        raw_labels = fused_labels(fused, label_rule)
     emit(ProgressEvent("postprocess", case.case_id, 0.96,
                        ", ".join(map(str, model_set.postprocess)) or "no postprocessing"))
-    labels, records = apply_steps(raw_labels, model_set.postprocess)
+    with times.stage("postprocessing"):
+        labels, records = apply_steps(raw_labels, model_set.postprocess)
     label_set = model_set.label_set
-    statistics, lesions = class_statistics(labels, case.reference, label_set, model_set.min_lesion_volume_mm3)
-    maps = {"disagreement": votes.disagreement(raw_labels), "entropy": normalised_entropy(fused)}
+    with times.stage("statistics"):
+        statistics, lesions = class_statistics(labels, case.reference, label_set, model_set.min_lesion_volume_mm3)
+    with times.stage("uncertainty"):
+        maps = {"disagreement": votes.disagreement(raw_labels), "entropy": normalised_entropy(fused)}
+        uncertainty = summarise(maps, labels, list(statistics), label_set.mask)
+        agreement = _agreement_records(model_set, member_labels, labels)
     provenance = {
         **model_set.describe(),
         "postprocess_details": records,
-        "uncertainty": summarise(maps, labels, list(statistics), label_set.mask),
-        "member_agreement": _agreement_records(model_set, member_labels, labels),
+        "uncertainty": uncertainty,
+        "member_agreement": agreement,
         "device": str(torch_device),
         "inputs": {role: case.source(role) for role in case.roles},
         "software": {"brats_ensemble": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "seconds": round(time.perf_counter() - started, 2),
+        "timing": {"stages": {"reading": rounded_seconds(case.read_seconds), **times.rounded(), "writing": None},
+                   "members": member_times},
         "warnings": warnings,
     }
     return Result(case.case_id, labels, case.reference, statistics, provenance, maps, lesions)
@@ -207,11 +223,13 @@ def write_result(result: Result, out_dir: str | Path, overwrite: bool = False,
     check_outputs_free(out_dir, result.case_id, overwrite)
     paths = output_paths(out_dir, result.case_id)
     with StagedFiles() as staged:
+        started = time.perf_counter()
         written = {"labels": write_label_map(result.labels, result.reference, paths["labels"], staged)}
         if save_uncertainty:
             for name, values in result.uncertainty.items():
                 written[name] = write_scalar_map(values, result.reference, paths[name], staged)
         written["lesions"] = write_csv(lesion_rows(result.lesions), paths["lesions"], LESION_COLUMNS, staged)
+        _note_writing_seconds(result, time.perf_counter() - started)  # the maps and the table; not the JSON itself
         files = {f"{kind}_file": path.name for kind, path in written.items()}
         written["statistics"] = write_json({**result.summary(), **files}, paths["statistics"], staged)
         # Reached with --overwrite (or nothing there): the earlier JSON goes first, so that the case never looks
@@ -219,3 +237,11 @@ def write_result(result: Result, out_dir: str | Path, overwrite: bool = False,
         earlier = [paths["statistics"], *(paths[name] for name in result.uncertainty if name not in written)]
         commit_case_files(staged, out_dir, result.case_id, remove=earlier)  # labels, maps, then the JSON
     return written
+
+
+def _note_writing_seconds(result: Result, seconds: float) -> None:
+    """Put the time spent writing (and reading back) the label map, the uncertainty maps and the lesion table into
+    the provenance's ``timing`` (when :func:`segment_case` made one)."""
+    stages = result.provenance.get("timing", {}).get("stages")
+    if isinstance(stages, dict):
+        stages["writing"] = rounded_seconds(seconds)

@@ -78,6 +78,39 @@ def test_batch_is_resumable_and_writes_a_cohort_csv(trained_models, phantom_case
     assert all((out / name).stat().st_mtime_ns == stamp for name, stamp in stamps.items() if name.endswith("gz"))
 
 
+#: The stages of ``timing.stages`` in the JSON, in order (docs/command-line.md); reading and writing lie outside
+#: ``seconds``, the others inside it.
+STAGES = ("reading", "loading", "preprocessing", "network", "export", "member_other", "uncertainty", "fusion",
+          "postprocessing", "statistics", "writing")
+OUTSIDE_SECONDS = ("reading", "writing")
+
+
+@pytest.mark.slow
+def test_predict_records_the_time_of_each_stage(trained_models, phantom_cases, tmp_path):
+    """Every stage is in the JSON, none negative, and the stages within ``seconds`` add up to at most ``seconds``
+    (allowing for the rounding of each to 1 ms and of ``seconds`` to 10 ms); each member's parts add up to its own
+    time. No time is compared with a fixed figure."""
+    case_dir = sorted(phantom_cases.iterdir())[1]
+    out = tmp_path / "out"
+    done = brats_ensemble("predict", str(case_dir), "-o", str(out), "-m", str(trained_models["A"].path),
+                          "-m", str(trained_models["B"].path), "--folds", "0", "--no-mirroring", "--device", "cpu",
+                          "--progress", "none", "--save-uncertainty")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / f"{case_dir.name}.json").read_text())
+    stages = summary["timing"]["stages"]
+    assert tuple(stages) == STAGES
+    assert all(isinstance(v, float) and v >= 0 for v in stages.values()), stages
+    assert stages["network"] > 0 and stages["writing"] > 0  # measured, not left out
+    inside = [v for k, v in stages.items() if k not in OUTSIDE_SECONDS]
+    assert sum(inside) <= summary["seconds"] + 0.005 + 0.0005 * len(inside), (summary["seconds"], stages)
+    members = summary["timing"]["members"]
+    assert [m["member"] for m in members] == [m["name"] for m in summary["members"]]
+    for member in members:
+        parts = [member[k] for k in ("loading", "preprocessing", "network", "export", "other")]
+        assert all(v >= 0 for v in parts) and abs(sum(parts) - member["seconds"]) <= 0.0005 * 6, member
+    assert sum(m["seconds"] for m in members) <= summary["seconds"] + 0.005 + 0.0005 * len(members)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--postprocess", "blur"], "unknown postprocessing rule 'blur'"),
     (["--weight", "1", "--weight", "2"], "2 weight(s) given for 1 model(s)"),

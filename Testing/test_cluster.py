@@ -74,9 +74,9 @@ def leftovers(out: Path) -> list[Path]:
 
 
 def same_results(expected: Path, actual: Path, case_ids: list[str], cohort: Path, reference_cohort: Path) -> None:
-    """Label and uncertainty maps byte for byte; every JSON field equal except ``seconds`` (the time the case took,
-    which no two runs share); where the cohort lies (``case_folder``, ``inputs``) compared relative to the cohort
-    folder."""
+    """Label and uncertainty maps byte for byte; every JSON field equal except ``seconds`` and ``timing`` (the time
+    the case and its stages took, which no two runs share; the same stages and members are named); where the cohort
+    lies (``case_folder``, ``inputs``) compared relative to the cohort folder."""
     for case_id in case_ids:
         for name in (f"{case_id}.nii.gz", f"{case_id}_disagreement.nii.gz", f"{case_id}_entropy.nii.gz"):
             assert (actual / name).read_bytes() == (expected / name).read_bytes(), name
@@ -84,6 +84,9 @@ def same_results(expected: Path, actual: Path, case_ids: list[str], cohort: Path
         theirs = (expected / f"{case_id}.json").read_text().replace(str(reference_cohort), "COHORT")
         ours_json, theirs_json = json.loads(ours), json.loads(theirs)
         assert isinstance(ours_json.pop("seconds"), float) and isinstance(theirs_json.pop("seconds"), float)
+        ours_timing, theirs_timing = ours_json.pop("timing"), theirs_json.pop("timing")
+        assert list(ours_timing["stages"]) == list(theirs_timing["stages"])
+        assert [m["member"] for m in ours_timing["members"]] == [m["member"] for m in theirs_timing["members"]]
         assert ours_json == theirs_json, case_id
         assert list(ours_json) == list(theirs_json), "the same fields in the same order"
 

@@ -38,6 +38,7 @@ from ..checkpoints import load_checkpoint, load_plain_pickle
 from ..errors import InputError, ModelError
 from ..labels import BACKGROUND, ET, LABEL_NAMES, NETC, SNFH
 from ..roles import model_channel_roles
+from ..timing import stage
 from ..trust import TrustedFiles
 from .base import Probabilities, StepReporter, with_cpu_results_on_oom
 from .progress import AFTER_WINDOW, TileProgress
@@ -781,18 +782,20 @@ class MedNeXtMember:
         device = torch.device(device)
         say = report or (lambda _step, _fraction=None: None)
         say("preprocessing", 0.0)
-        images = np.stack([np.asarray(case.array(role), dtype=np.float32) for role in self._roles])
-        if tuple(images.shape[1:]) != tuple(case.shape_zyx):
-            raise InputError(f"case {case.case_id}: images of shape {images.shape[1:]} do not match the case grid "
-                             f"{tuple(case.shape_zyx)}.")
-        pre = preprocess_v1(images, case.spacing_zyx, self.prep)
+        with stage("preprocessing"):
+            images = np.stack([np.asarray(case.array(role), dtype=np.float32) for role in self._roles])
+            if tuple(images.shape[1:]) != tuple(case.shape_zyx):
+                raise InputError(f"case {case.case_id}: images of shape {images.shape[1:]} do not match the case "
+                                 f"grid {tuple(case.shape_zyx)}.")
+            pre = preprocess_v1(images, case.spacing_zyx, self.prep)
         mirror_axes = (0, 1, 2) if self.use_mirroring else ()
         summed: np.ndarray | None = None
         folds = len(self.checkpoints)
         tiles = TileProgress(say, window_count(self.prep.patch_size, pre.data.shape[1:], self.step_size) * folds)
         for index, fold in enumerate(self.checkpoints, start=1):
             tiles.label = f"fold {fold} ({index}/{folds}), sliding window" if folds > 1 else "sliding window"
-            network = self.load_network(fold, device)
+            with stage("loading"):
+                network = self.load_network(fold, device)
 
             def attempt(on_device: bool, _start: int = tiles.done) -> np.ndarray:
                 tiles.rewind(_start)  # a pass repeated after out-of-memory counts its tiles again
@@ -800,13 +803,15 @@ class MedNeXtMember:
                     network, pre.data, self.prep.patch_size, self.n_outputs, device, self.step_size, mirror_axes,
                     results_device=device if on_device else torch.device("cpu"), on_window=tiles.advance)
 
-            softmax = with_cpu_results_on_oom(attempt, device, say, self.name)
-            summed = softmax if summed is None else summed + softmax
+            with stage("network"):  # the fold's sliding window, with mirroring, and its sum with the others
+                softmax = with_cpu_results_on_oom(attempt, device, say, self.name)
+                summed = softmax if summed is None else summed + softmax
             del network
         assert summed is not None
-        mean = summed / len(self.checkpoints)
         say("back to the case grid", AFTER_WINDOW)
-        array = probabilities_to_case_grid(mean, pre, self.prep, background_channel=0)
+        with stage("export"):
+            mean = summed / len(self.checkpoints)
+            array = probabilities_to_case_grid(mean, pre, self.prep, background_channel=0)
         return Probabilities(array=array, labels=self._labels)
 
     def describe(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,6 +40,7 @@ from ..jsonfiles import MODEL_JSON_MAX_BYTES, read_json_file
 from ..labels import BACKGROUND, class_mapping_from_dataset_labels
 from ..labelsets import label_set_from_dataset_labels
 from ..roles import ensure_roles_available, model_channel_roles
+from ..timing import record
 from ..trust import TrustedFiles
 from .base import LABEL_SPACE, NESTED_REGIONS, REGION_SPACE, REGION_WRITES, Probabilities, StepReporter
 from .nnunet_cascade import as_read_back, check_stages_fit, sibling_stage_folder, stage_configuration
@@ -395,16 +397,35 @@ class NnUNetMember:
             report = _share_of(report, 0.5, 1.0, "")
         if report:
             report("loading", 0.0)
+        started = time.perf_counter()
         predictor = self._initialise(device)
+        record("loading", time.perf_counter() - started)  # checkpoints and network: the first case only
         data = case.stacked(self.roles)
         if report:
             report(f"predicting ({len(self.folds)} fold{'s' if len(self.folds) > 1 else ''})", 0.02)
         predictor.report = report  # tiles of the sliding window, then "back to the case grid"
+        predictor.network_started = predictor.network_finished = None
+        started = time.perf_counter()
         try:
-            return predictor.predict_single_npy_array(data, {"spacing": list(case.spacing_zyx)}, previous, None,
-                                                      probabilities)
+            output = predictor.predict_single_npy_array(data, {"spacing": list(case.spacing_zyx)}, previous, None,
+                                                        probabilities)
         finally:
             predictor.report = None
+        _record_predictor_stages(predictor, started, time.perf_counter())
+        return output
+
+
+def _record_predictor_stages(predictor: Any, started: float, finished: float) -> None:
+    """Split one ``predict_single_npy_array`` call at the network pass that :class:`ProgressPredictor` noted:
+    preprocessing (crop, normalisation, resampling), network (every fold's sliding window with mirroring) and
+    export (logits moved to the CPU, resampled to the case grid, softmax/sigmoid, un-cropped). On CUDA, network
+    work still queued when the pass returns is waited for in export (the move to the CPU)."""
+    network_started, network_finished = predictor.network_started, predictor.network_finished
+    if network_started is None or network_finished is None:
+        return  # nnU-Net changed how it calls the network: the member is then counted as a whole
+    record("preprocessing", network_started - started)
+    record("network", network_finished - network_started)
+    record("export", finished - network_finished)
 
 
 def _share_of(report: StepReporter | None, start: float, end: float, prefix: str) -> StepReporter | None:

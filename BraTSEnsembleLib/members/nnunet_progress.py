@@ -4,10 +4,12 @@
 method and returns its result untouched, so the numbers are exactly ``nnUNetv2_predict``'s (the parity tests compare
 them). ``_internal_get_sliding_window_slicers`` tells how many tiles a fold has, ``_internal_maybe_mirror_and_predict``
 runs once per tile (all mirrored copies of it), and ``predict_logits_from_preprocessed_data`` runs the folds between
-nnU-Net's preprocessing and its export. U-Mamba models run through the same predictor.
+nnU-Net's preprocessing and its export (its start and end are noted for the per-stage timing). U-Mamba models run
+through the same predictor.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -22,13 +24,19 @@ class ProgressPredictor(nnUNetPredictor):
 
     report: StepReporter | None = None
     _tiles: TileProgress | None = None
+    #: ``time.perf_counter()`` when nnU-Net's network pass (all folds, sliding window, mirroring) began and ended
+    #: for the last case: what lies before it in ``predict_single_npy_array`` is preprocessing, after it export
+    network_started: float | None = None
+    network_finished: float | None = None
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         self._tiles = None  # counted afresh for each case
+        self.network_started, self.network_finished = time.perf_counter(), None
         try:
             logits = super().predict_logits_from_preprocessed_data(data)
         finally:
             self._tiles = None
+            self.network_finished = time.perf_counter()
         if self.report is not None:
             self.report("back to the case grid", AFTER_WINDOW)
         return logits

@@ -77,6 +77,7 @@ from ..errors import InputError, ModelError
 from ..labels import BACKGROUND, LABEL_NAMES
 from ..limits import OVERLAP_RANGE, SPACING_RANGE_MM, is_real_number
 from ..roles import channel_role, ensure_roles_available
+from ..timing import stage
 from ..trust import TrustedFiles, trust_advice
 from .base import (LABEL_SPACE, NESTED_REGIONS, REGION_SPACE, REGION_WRITES, Probabilities, StepReporter,
                    with_cpu_results_on_oom)
@@ -549,14 +550,16 @@ class SlidingWindowMember:
         say = report or (lambda _step, _fraction=None: None)
         ensure_roles_available(self._roles, case.roles, f"model {self.name}", f"case {case.case_id}")
         say("preprocessing", 0.0)
-        images = case.stacked(self._roles)
-        if tuple(images.shape[1:]) != tuple(case.shape_zyx):
-            raise InputError(f"case {case.case_id}: images of shape {images.shape[1:]} do not match the case grid "
-                             f"{tuple(case.shape_zyx)}.")
-        prepared = prepare_input(images, case.spacing_zyx, self.settings)
-        del images
+        with stage("preprocessing"):
+            images = case.stacked(self._roles)
+            if tuple(images.shape[1:]) != tuple(case.shape_zyx):
+                raise InputError(f"case {case.case_id}: images of shape {images.shape[1:]} do not match the case "
+                                 f"grid {tuple(case.shape_zyx)}.")
+            prepared = prepare_input(images, case.spacing_zyx, self.settings)
+            del images
         say(f"loading {self.path.name}", 0.05)
-        network = self.load_network(device)
+        with stage("loading"):
+            network = self.load_network(device)
         tiles = TileProgress(say, monai_window_count(prepared.data.shape[1:], self.settings.roi_size,
                                                      self.settings.overlap), f"sliding window on {device}")
         predictor = WindowPredictor(network, len(self.channels), mirror_dims(self.settings.mirroring), self.where,
@@ -568,7 +571,8 @@ class SlidingWindowMember:
             return sliding_window_logits(predictor, prepared.data, self.settings, device, results_device)
 
         try:
-            logits = with_cpu_results_on_oom(attempt, device, say, self.name)
+            with stage("network"):
+                logits = with_cpu_results_on_oom(attempt, device, say, self.name)
         except ModelError:
             raise
         except (RuntimeError, ValueError) as exc:  # not out of memory (handled above): the network does not fit
@@ -579,7 +583,8 @@ class SlidingWindowMember:
         finally:
             del network, predictor
         say("back to the case grid", AFTER_WINDOW)
-        array = logits_to_case_grid(logits, prepared, self.activation, self.settings.axis_order)
+        with stage("export"):
+            array = logits_to_case_grid(logits, prepared, self.activation, self.settings.axis_order)
         if array.shape[1:] != tuple(case.shape_zyx):  # pragma: no cover - guarded by the inverse transforms
             raise ModelError(f"{self.where}: probabilities of shape {array.shape[1:]} do not fit the case grid")
         return Probabilities(array, self.channels, self.space)
