@@ -293,6 +293,25 @@ def kill_process_tree(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
+def follow_run(run: Any, timeout: float | None, interval: float, callback: Any, timeout_message: str) -> None:
+    """Poll ``run`` (a local :class:`CliProcess` or a server's run: ``running``, ``poll()``, ``cancel()``) until it
+    is done, passing each progress event to ``callback``; past ``timeout`` seconds cancel it and raise TimeoutError."""
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while run.running:
+        for event in run.poll():
+            if callback is not None:
+                callback(event)
+        if deadline is not None and time.monotonic() > deadline:
+            run.cancel()
+            raise TimeoutError(timeout_message)
+        time.sleep(interval)
+    for event in run.poll():
+        if callback is not None:
+            callback(event)
+
+
 class CliProcess:
     """The CLI in its own process group, stdout/stderr read by threads so that ``poll()`` never blocks.
 
@@ -360,20 +379,8 @@ class CliProcess:
 
     def wait(self, timeout: float | None = None, interval: float = 0.1, callback=None) -> int:
         """Block until done (console/batch use); ``callback(event)`` for each progress event."""
-        import time
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.running:
-            for event in self.poll():
-                if callback is not None:
-                    callback(event)
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                raise TimeoutError(f"brats-ensemble did not finish within {timeout} s; it was stopped")
-            time.sleep(interval)
-        for event in self.poll():
-            if callback is not None:
-                callback(event)
+        follow_run(self, timeout, interval, callback, f"brats-ensemble did not finish within {timeout} s; it was "
+                   "stopped")
         return int(self.proc.returncode)
 
     def cancel(self) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import quote, urlencode, urlsplit
 
-from .process import ProgressEvent, ProgressState, parse_progress_line
+from .process import ProgressEvent, ProgressState, follow_run, parse_progress_line
 
 TOKEN_ENV = "BRATS_ENSEMBLE_TOKEN"
 #: Seconds the server may hold an events request open while nothing happens (long poll).
@@ -372,18 +372,8 @@ class RemoteRun:
     def wait(self, timeout: float | None = None, interval: float = 0.1,
              callback: Callable[[ProgressEvent], None] | None = None) -> int:
         """Block until done (console use); ``callback(event)`` for each progress event."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.running:
-            for event in self.poll():
-                if callback is not None:
-                    callback(event)
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                raise TimeoutError(f"the server did not finish within {timeout} s; the job was cancelled")
-            time.sleep(interval)
-        for event in self.poll():
-            if callback is not None:
-                callback(event)
+        follow_run(self, timeout, interval, callback, f"the server did not finish within {timeout} s; the job was "
+                   "cancelled")
         return int(self.returncode or 0)
 
     def cancel(self) -> None:
