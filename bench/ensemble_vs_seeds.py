@@ -58,8 +58,13 @@ class Run:
 
 
 def _children(pid: int) -> list[int]:
+    """The children of ``pid``; none when it has gone (processes end while the tree is walked)."""
     found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
         try:
             found += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
