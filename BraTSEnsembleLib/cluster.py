@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
@@ -386,6 +387,22 @@ def ray_session(address: str) -> Iterator[Any]:
         ray.shutdown()
 
 
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[threading.Event]:
+    """SIGINT and SIGTERM only set the returned event while the driver's loop runs (restored after). Raised
+    asynchronously, a KeyboardInterrupt could land inside a Ray call and leave Ray's client unable to stop the
+    workers (a run that then hangs on Ctrl-C); the loop checks the event at least once a second instead."""
+    stop = threading.Event()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in handlers:
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 @dataclass(frozen=True)
 class WorkerLayout:
     """How many workers, and what each asks of the cluster: one GPU, or ``num_cpus`` cores used as torch
@@ -487,9 +504,13 @@ class ClusterRun:
     # -- the loop -------------------------------------------------------------------------------------------------
 
     def run(self) -> tuple[dict[str, dict[str, Path]], list[str]]:
+        """The loop; Ctrl-C and SIGTERM stop it between two steps (see :func:`_stop_requests`)."""
         with contextlib.ExitStack() as stack:
+            stop = stack.enter_context(_stop_requests())
             stack.callback(self._release_all)
             while self.todo or self.waiting or self.ready or self._in_flight():
+                if stop.is_set():
+                    raise KeyboardInterrupt  # here, outside any Ray call: Ray's client stays usable to stop
                 if self.ray is None:  # joined (or started) only when a case needs computing
                     task = self._claim_next()
                     if task is None:
