@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from cli_runs import cli, cli_command, events
 from BraTSEnsembleLib import process
 from BraTSEnsembleLib.cluster import TEST_WORKER_STOP_ENV, ClusterError, worker_layout
 from BraTSEnsembleLib.demo.phantom import make_phantom
@@ -50,18 +51,6 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": 
 #: Each cluster run: one worker per node's core; the local reference runs with one torch thread too, so that both
 #: do the same arithmetic (another thread count may round a voxel at p = 0.5 otherwise, see docs/batch.md).
 CLUSTER = ("--cpus-per-worker", "1")
-
-
-def cli_command(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "BraTSEnsembleLib.cli", *map(str, args)]
-
-
-def cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_command(*args), capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-
-
-def events(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -16,13 +16,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from cli_runs import cli, cli_command, events
 from BraTSEnsembleLib.demo.phantom import make_phantom
 from BraTSEnsembleLib.results import TEST_STOP_AFTER_ENV
 
@@ -31,18 +31,6 @@ DEMO_NNUNET = ROOT / "BraTSEnsembleLib" / "demo" / "models" / "nnUNetTrainerAdam
 MODEL = ("-m", str(DEMO_NNUNET), "--no-mirroring", "--device", "cpu")
 SHAPE = (40, 44, 40)  # tiny phantoms: a few seconds per case
 SEEDS = (9111, 9112, 9113, 9114)  # never used for training
-
-
-def cli_command(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "BraTSEnsembleLib.cli", *map(str, args)]
-
-
-def cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_command(*args), capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-
-
-def events(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 def sha256(path: Path) -> str:
